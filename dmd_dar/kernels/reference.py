@@ -1,0 +1,32 @@
+"""Reference (pure PyTorch) DAR aggregation: the numerics every fused kernel must match.
+
+values:     [S, B, T, D] the S sources (raw sublayer outputs or chunk summaries), any float dtype
+query:      broadcastable to [B, T, D] (static: [1, 1, D]; static_t: [B, 1, D]; dynamic: [B, T, D])
+key_weight: [D] the RMSNorm weight of the keys
+Returns h = sum_i alpha_i v_i with alpha = softmax_i(q . RMSNorm(v_i) / sqrt(D)), computed in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def routing_logits(values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[B, T, S] logits q . RMSNorm(v_i) / sqrt(D), fp32."""
+    v = values.float()
+    inv_rms = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)  # [S, B, T, 1]
+    qg = query.float() * key_weight.float()  # fold the key weight into the query
+    logits = (v * qg).sum(-1, keepdim=True) * inv_rms  # [S, B, T, 1]
+    return logits.squeeze(-1).permute(1, 2, 0) / math.sqrt(values.shape[-1])
+
+
+def routing_weights(values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[B, T, S] softmax weights over the sources, fp32."""
+    return torch.softmax(routing_logits(values, query, key_weight, eps), dim=-1)
+
+
+def aggregate_reference(values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[B, T, D] fp32 convex combination of the raw values."""
+    alpha = routing_weights(values, query, key_weight, eps)  # [B, T, S]
+    return torch.einsum("bts,sbtd->btd", alpha, values.float())
