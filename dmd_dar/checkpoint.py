@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from dmd_dar.errors import UserError
 
@@ -79,6 +78,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_model_files(folder: str | os.PathLike, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
     """Write config.json + model.safetensors into an existing folder (callers make it atomic)."""
+    from safetensors.torch import save_file  # imported here: the GPU benchmark image may lack safetensors
+
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME))
@@ -104,6 +105,8 @@ def load_model_files(folder: str | os.PathLike) -> ModelFiles:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{weights} not found: {folder} is not a dmd_dar model folder")
+    from safetensors.torch import load_file
+
     config = read_json(folder / CONFIG_NAME)
     try:
         state_dict = load_file(str(weights))

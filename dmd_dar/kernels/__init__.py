@@ -1,19 +1,64 @@
 """DAR aggregation kernels: the PyTorch reference path and (on CUDA) a fused Triton path.
 
 `values` may be a stacked tensor [S, B, T, D] or a sequence of S tensors [B, T, D].
+The Triton module is imported lazily, so importing `dmd_dar.kernels` never needs triton.
 """
 from __future__ import annotations
 
 import torch
 
+from dmd_dar.errors import UserError
 from dmd_dar.kernels.reference import aggregate_reference, routing_logits, routing_weights
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _first_source(values) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values
+    for v in values:
+        return v
+    raise ValueError("aggregate needs at least one source")
+
+
+def triton_available() -> bool:
+    """True when the fused kernel module imports (triton installed); says nothing about a GPU."""
+    try:
+        import dmd_dar.kernels.triton_aggregate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused():
+    try:
+        from dmd_dar.kernels.triton_aggregate import aggregate_triton
+    except ImportError as err:
+        raise UserError(f"routing backend 'triton' needs the triton package ({err}); install it or use backend='torch'") from err
+    return aggregate_triton
 
 
 def aggregate(values, query, key_weight, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
-    """Dispatch the aggregation. backend: "auto" (fused on CUDA when available), "torch", "triton"."""
+    """Dispatch the aggregation; returns fp32 [B, T, D].
+
+    backend: "auto" = the fused Triton kernel when the values are CUDA tensors and triton imports (compiled,
+    not interpreted), else the reference; "torch" = the reference; "triton" = the fused kernel (on the CPU
+    only under TRITON_INTERPRET=1, else a UserError).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"aggregate backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        return _fused()(values, query, key_weight, eps)
     if not isinstance(values, torch.Tensor):
-        values = torch.stack(list(values))
+        values = list(values)
+    if backend == "auto" and _first_source(values).is_cuda and triton_available():
+        from dmd_dar.kernels import triton_aggregate
+
+        if not triton_aggregate.interpreting():
+            return triton_aggregate.aggregate_triton(values, query, key_weight, eps)
+    if not isinstance(values, torch.Tensor):
+        values = torch.stack(values)
     return aggregate_reference(values, query, key_weight, eps)
 
 
-__all__ = ["aggregate", "aggregate_reference", "routing_logits", "routing_weights"]
+__all__ = ["BACKENDS", "aggregate", "aggregate_reference", "routing_logits", "routing_weights", "triton_available"]

@@ -130,6 +130,7 @@ class DiTOutput:
 
     sample: torch.Tensor
     repa_features: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # what the head reads (the final aggregated state) [B, T, D]
 
 
 class DiT(nn.Module):
@@ -257,9 +258,10 @@ class DiT(nn.Module):
         return fn(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, return_repa: bool = False,
-                record_routing: dict | None = None):
-        """Velocity prediction [B, C, H, W]. `return_repa=True` returns a `DiTOutput` with the projected
-        REPA features; `record_routing` (a dict) receives DAR routing weights per sublayer for diagnostics."""
+                return_hidden: bool = False, record_routing: dict | None = None):
+        """Velocity prediction [B, C, H, W]. `return_repa` / `return_hidden` return a `DiTOutput` with the
+        projected REPA features / the final hidden state; `record_routing` (a dict) receives the DAR routing
+        weights per sublayer, for diagnostics."""
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT expects [B, {self.in_channels}, {self.input_size}, {self.input_size}] input, got {list(x.shape)}")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
@@ -284,10 +286,10 @@ class DiT(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))
         if record_routing is not None and state.weights is not None:
             record_routing.update(state.weights)
-        if not return_repa:
+        if not (return_repa or return_hidden):
             return out
-        feats = self.repa_projector(repa_hidden) if self.repa_projector is not None else None
-        return DiTOutput(sample=out, repa_features=feats)
+        feats = self.repa_projector(repa_hidden) if return_repa and self.repa_projector is not None else None
+        return DiTOutput(sample=out, repa_features=feats, hidden=h if return_hidden else None)
 
     # ------------------------------------------------------------------------------------ save/load
     def save_pretrained(self, folder) -> None:
