@@ -44,6 +44,7 @@ class StudentConfig:
     ema_decay: float = 0.0  # 0 = no EMA
     lora_rank: int = 0  # > 0: LoRA (peft) on attention/MLP projections; the router stays fully trainable
     gradient_checkpointing: bool = False
+    init: Optional[str] = None  # start from these weights (a DiT folder, e.g. an earlier student), not the teacher's
 
 
 @dataclass
@@ -178,6 +179,8 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     shape, timesteps = family.sample_shape, cfg.student.timesteps
 
     student = family.trainable(routing, cfg.student.lora_rank)
+    if cfg.student.init:
+        family.load_weights(student, Path(cfg.student.init))
     student.gradient_checkpointing = cfg.student.gradient_checkpointing
     fake_model = family.trainable(cfg.fake.routing, cfg.fake.lora_rank)
     head = make_gan_head(family.feature_dim) if cfg.gan.enabled else None
@@ -197,6 +200,8 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
         student_opt.load_state_dict(state["student_opt"])
         fake_opt.load_state_dict(state["fake_opt"])
         start_step, skipped = int(meta["step"]), int(meta.get("skipped_steps", 0))
+        if ema is not None:
+            ema.num_updates = start_step - skipped
         accelerator.print(f"resuming {run_dir} from step {start_step}")
 
     real_images = None
@@ -274,11 +279,11 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
                     real_t = interpolate(real_images[idx].to(device), d.t_noise, d.t)
                     d_loss = gan_discriminator_loss(fake.gan_logits(real_t, d.t, cond),
                                                     fake.gan_logits(interpolate(x, d.t_noise, d.t), d.t, cond))
-                    logs["disc_loss"] = float(d_loss)
+                    logs["disc_loss"] = d_loss.item()
                     fake_loss = fake_loss + cfg.gan.discriminator_weight * d_loss
             good, fake_norm = update(fake_loss, fake_params, fake_opt, cfg.fake.optim.grad_clip)
             ok &= good
-            logs.update(fake_loss=float(fake_loss), fake_grad_norm=fake_norm)
+            logs.update(fake_loss=fake_loss.item(), fake_grad_norm=fake_norm)
         # ---- student update: distribution matching (+ GAN, + regression)
         d = draw(cfg, shape, family.num_conditions, step_generator(cfg.seed, step, stream=0)).local(sl, device)
         cond = family.conditions(d.ids)
@@ -288,14 +293,14 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
                 x_t = interpolate(x.detach(), d.t_noise, d.t)
                 real_x0, fake_x0 = real_score(x_t, d.t, cond), family.denoiser(raw_fake)(x_t, d.t, cond)
             loss = distribution_matching_loss(x, real_x0, fake_x0)
-            logs["dm_loss"] = float(loss)
+            logs["dm_loss"] = loss.item()
             if raw_head is not None:
                 g_loss = gan_generator_loss(FakeScore(family, raw_fake, raw_head).gan_logits(interpolate(x, d.t_noise, d.t), d.t, cond))
-                logs["gan_loss"] = float(g_loss)
+                logs["gan_loss"] = g_loss.item()
                 loss = loss + cfg.gan.weight * g_loss
             if regression is not None:
                 r_loss = regression(student_x0, step, sl)
-                logs["regression_loss"] = float(r_loss)
+                logs["regression_loss"] = r_loss.item()
                 loss = loss + cfg.regression.weight * r_loss
         good, student_norm = update(loss, student_params, student_opt, cfg.student.optim.grad_clip)
         ok &= good

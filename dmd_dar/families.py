@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from dmd_dar.checkpoint import load_model_files
 from dmd_dar.diffusion import Denoiser, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample
 from dmd_dar.errors import UserError
 from dmd_dar.lora import apply_lora, merge_lora
@@ -40,6 +41,8 @@ class Family(Protocol):
     def conditions(self, ids: torch.Tensor) -> Any: ...  # ids -> the model's conditioning, on the device
 
     def hidden_features(self, model: nn.Module, x_t, t, cond) -> torch.Tensor: ...  # [B, feature_dim]
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None: ...  # e.g. student.init; UserError on mismatch
 
     def export(self, model: nn.Module, folder: Path) -> None: ...  # LoRA merged; loads with load_student
 
@@ -91,6 +94,11 @@ class DiTFamily:
 
     def hidden_features(self, model: nn.Module, x_t, t, cond) -> torch.Tensor:
         return model(x_t, t, cond, return_hidden=True).hidden.float().mean(1)
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        if any("lora_" in name for name, _ in model.named_parameters()):
+            raise UserError("student.init with LoRA is not supported: merge the LoRA of the initial weights first")
+        model.load_backbone_state(load_model_files(folder).state_dict, source=str(folder))
 
     def export(self, model: nn.Module, folder: Path) -> None:
         merge_lora(copy.deepcopy(model)).save_pretrained(folder)

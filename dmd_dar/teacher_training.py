@@ -145,6 +145,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(meta["step"])
+        ema.num_updates = start_step
         accelerator.print(f"resuming {out} from step {start_step}")
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(accelerator.device)

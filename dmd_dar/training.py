@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -75,16 +74,23 @@ def local_slice(global_batch: int, rank: int, world: int) -> slice:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers copied)."""
+    """Exponential moving average of a model's parameters (buffers copied).
 
-    def __init__(self, model: nn.Module, decay: float):
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so short runs do not keep most of
+    the initial weights (with adaLN-Zero, an initial DiT predicts zero). Resume by setting `num_updates`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, num_updates: int = 0):
         self.decay = decay
+        self.num_updates = num_updates
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -111,12 +117,20 @@ class CSVLogger:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in values.items()}}
-        if self.fields is None:
-            self.fields = list(row.keys())
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        if self.fields is None or not set(row) <= set(self.fields):
+            # first row, or a metric logged only every N steps appears: (re)write the header
+            rows = []
+            if self.fields is not None and self.path.exists():
+                with open(self.path) as f:
+                    rows = list(csv.DictReader(f))
+            self.fields = (self.fields or []) + [k for k in row if k not in (self.fields or [])]
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_bytes(self.path, buf.getvalue().encode())
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
 # --------------------------------------------------------------------------------- run checkpoints
@@ -167,10 +181,6 @@ def global_grad_norm(params) -> float:
 
 def all_finite(*values: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in values)
-
-
-def cosine_similarity_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

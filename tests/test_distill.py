@@ -1,0 +1,159 @@
+"""End-to-end DMD distillation on a tiny DiT teacher (offline, CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dmd_dar.checkpoint import load_model_files
+from dmd_dar.config import load_config
+from dmd_dar.distill import DistillConfig, TrainingDiverged, run_distillation
+from dmd_dar.models import DiT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_teacher(folder: Path, seed=0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    kw = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    kw.update(overrides)
+    model = DiT(**kw)
+    with torch.no_grad():  # a "trained" teacher: open gates, non-zero head
+        for name, p in model.named_parameters():
+            if not name.startswith("router."):
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(tmp: Path, teacher: Path, **top) -> Path:
+    cfg = {
+        "seed": 0, "out_dir": str(tmp / "run"), "teacher": str(teacher), "steps": 4, "batch_size": 4,
+        "log_every": 1, "sample_every": 2, "checkpoint_every": 2,
+        "student": {"routing": {"mode": "dar", "query": "static_t"}, "optim": {"lr": 1e-3, "beta1": 0.0}},
+        "fake": {"updates_per_student_step": 2, "optim": {"lr": 1e-3, "beta1": 0.0}},
+        "eval": {"grid_images": 6, "teacher_steps": 2, "report_samples": 12, "reference": "", "hf_every": 2, "hf_batch": 6},
+    }
+    cfg.update(top)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args, **env):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600)
+
+
+def weights(folder: Path) -> dict:
+    return load_model_files(folder).state_dict
+
+
+def test_tiny_distillation_end_to_end_and_resume_gives_the_same_student(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg_path = tiny_config(tmp_path, teacher)
+    cfg = load_config(cfg_path, [], DistillConfig)
+    summary = run_distillation(cfg)
+    out = Path(cfg.out_dir)
+    for name in ("teacher_grid.png", "comparison.png", "summary.json", "dar/student/model.safetensors",
+                 "dar/student_grid.png", "dar/log.csv", "report/report.html", "report/metrics.json",
+                 "samples/student_dar_1step.npz"):
+        assert (out / name).exists(), name
+    student = DiT.from_pretrained(out / "dar" / "student")
+    assert student.routing.mode == "dar"
+    assert summary["arms"]["dar"]["skipped_steps"] == 0
+    log = (out / "dar" / "log.csv").read_text().splitlines()
+    assert "student_hf_ratio" in log[0] and len(log) == 5
+    # the router actually trained
+    assert student.router.query_static.abs().sum() > 0
+
+    # interrupted run: 2 steps, then resume to 4 with the same config -> identical weights
+    cfg2 = load_config(cfg_path, [f"out_dir={tmp_path / 'run2'}", "steps=2", "eval.report_samples=0"], DistillConfig)
+    run_distillation(cfg2)
+    cfg2 = load_config(cfg_path, [f"out_dir={tmp_path / 'run2'}", "eval.report_samples=0"], DistillConfig)
+    run_distillation(cfg2)
+    a, b = weights(out / "dar" / "student"), weights(tmp_path / "run2" / "dar" / "student")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_both_arms_share_seeds_and_end_in_one_report(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(tiny_config(tmp_path, teacher), ["steps=2", "arms=[dar,residual]"], DistillConfig)
+    summary = run_distillation(cfg)
+    assert set(summary["arms"]) == {"dar", "residual"}
+    assert DiT.from_pretrained(Path(cfg.out_dir) / "residual" / "student").routing.mode == "residual"
+    metrics = json.loads((Path(cfg.out_dir) / "report" / "metrics.json").read_text())
+    assert {"student_dar_1step", "student_residual_1step"} <= set(json.dumps(metrics).replace('"', " ").split())
+    # same draws: at step 0 both students start as the teacher's function, so their first fake-score
+    # losses (same samples, same noises, same fake init) agree
+    first = lambda arm: float((Path(cfg.out_dir) / arm / "log.csv").read_text().splitlines()[1].split(",")[1])  # noqa: E731
+    assert abs(first("dar") - first("residual")) < 1e-4
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import dmd_dar.distill as distill
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(tiny_config(tmp_path, teacher), ["steps=10", "max_bad_steps=2", "eval.report_samples=0"], DistillConfig)
+    real_loss, calls = distill.distribution_matching_loss, {"n": 0}
+
+    def poisoned(x, real, fake):
+        calls["n"] += 1
+        loss = real_loss(x, real, fake)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(distill, "distribution_matching_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row"):
+        run_distillation(cfg)
+    ckpts = sorted((Path(cfg.out_dir) / "dar" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step_00000002"]
+    state = weights(ckpts[0] / "student")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["student.optim.lrr=1"], "lrr"),
+        (["steps=many"], "steps"),
+        (["teacher=/nonexistent/teacher"], "teacher"),
+        (["student.init={mismatch}"], "do not fit"),
+        (["student.routing.query=learned"], "query"),
+        (["student.timesteps=[0.5,1.0]"], "timesteps"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, override, needle):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    other = tiny_teacher(tmp_path / "other", hidden_size=64)
+    cfg = tiny_config(tmp_path, teacher)
+    override = [o.replace("{mismatch}", str(other)) for o in override]
+    res = run_cli(["scripts/distill.py", "--config", str(cfg), *override])
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "run" / "dar" / "student").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 CPU processes (accelerate MULTI_CPU over gloo, started by torchrun: accelerate's own launcher needs
+    mpirun for CPU jobs) = 1 process at the same global batch."""
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher, steps=2, checkpoint_every=2)
+    common = ["eval.report_samples=0"]
+    one = run_cli(["scripts/distill.py", "--config", str(cfg), f"out_dir={tmp_path / 'one'}", *common])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                   "scripts/distill.py", "--config", str(cfg), f"out_dir={tmp_path / 'two'}", *common],
+                  ACCELERATE_USE_CPU="1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "dar" / "student").is_dir()
+    a, b = weights(tmp_path / "one" / "dar" / "student"), weights(tmp_path / "two" / "dar" / "student")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
