@@ -178,6 +178,7 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     sl = local_slice(cfg.batch_size, accelerator.process_index, accelerator.num_processes)
     shape, timesteps = family.sample_shape, cfg.student.timesteps
 
+    torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
     student = family.trainable(routing, cfg.student.lora_rank)
     if cfg.student.init:
         family.load_weights(student, Path(cfg.student.init))

@@ -130,6 +130,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         from dmd_dar.repa import load_repa_encoder
 
         encoder = load_repa_encoder(cfg.repa.encoder, cfg.repa.encoder_path).to(accelerator.device)
+    torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
     model = cfg.model.build(repa_depth=cfg.repa.depth if encoder else None, repa_dim=encoder.dim if encoder else None)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     ema = EMA(model, cfg.ema_decay)
