@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 
 import torch
 from torch import nn
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from dmd_dar.checkpoint import load_model_files, read_json, save_model, write_json
@@ -30,6 +31,7 @@ from dmd_dar.grid import save_image_grid
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.t2i import T2IConfig
 from dmd_dar.training import (
+    mixed_precision_value,
     EMA, CSVLogger, OptimConfig, all_finite, batch_indices, global_grad_norm, latest_checkpoint,
     load_run_checkpoint, local_slice, make_optimizer, save_run_checkpoint, step_generator,
 )
@@ -74,7 +76,7 @@ class GanConfig:
 @dataclass
 class RegressionConfig:
     enabled: bool = False
-    pairs: Optional[str] = None  # .npz from scripts/make_regression_pairs.py (noise, labels, images)
+    pairs: Optional[str] = None  # .npz from scripts/make_regression_pairs.py (noise, ids, samples)
     weight: float = 0.25
     net: str = "vgg"  # LPIPS backbone
     pretrained_backbone: bool = True  # False only for offline tests (random backbone)
@@ -114,6 +116,9 @@ class DistillConfig:
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     t2i: T2IConfig = field(default_factory=T2IConfig)
+
+    def __post_init__(self):
+        self.mixed_precision = mixed_precision_value(self.mixed_precision)
 
 
 class TrainingDiverged(UserError):
@@ -189,6 +194,8 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     fake_params = [p for p in fake_model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     student_opt = make_optimizer(student_params, cfg.student.optim)
     fake_opt = make_optimizer(fake_params, cfg.fake.optim)
+    if cfg.student.ema_decay > 0 and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("student.ema_decay > 0 is not supported under FSDP (the EMA copy would not be sharded); set 0")
     ema = EMA(student, cfg.student.ema_decay) if cfg.student.ema_decay > 0 else None
 
     start_step, bad_steps, skipped = 0, 0, 0
@@ -216,7 +223,7 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     if cfg.regression.enabled:
         from dmd_dar.regression import RegressionLoss
 
-        regression = RegressionLoss.from_config(cfg.regression, family, device)
+        regression = RegressionLoss.from_config(cfg.regression, family, device, batch_size=cfg.batch_size, seed=cfg.seed)
 
     student, fake_model, student_opt, fake_opt = accelerator.prepare(student, fake_model, student_opt, fake_opt)
     if head is not None:
@@ -233,10 +240,13 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     logger = CSVLogger(run_dir / "log.csv", resume_step=start_step) if accelerator.is_main_process else None
 
     def save_checkpoint(step: int) -> None:
+        # get_state_dict gathers full weights on every process (needed under FSDP); the main process writes
+        parts = {"student": student, "fake": fake_model, "gan_head": head}
+        states = {name: accelerator.get_state_dict(m) for name, m in parts.items() if m is not None}
+        if ema is not None:
+            states["student_ema"] = ema.model.state_dict()
         if accelerator.is_main_process:
-            parts = {"student": raw_student, "fake": raw_fake, "gan_head": raw_head, "student_ema": ema and ema.model}
-            models = {name: (lambda folder, m=m: save_model(folder, {"class": type(m).__name__}, m.state_dict()))
-                      for name, m in parts.items() if m is not None}
+            models = {name: (lambda folder, sd=sd: save_model(folder, {"class": name}, sd)) for name, sd in states.items()}
             save_run_checkpoint(run_dir, step, models,
                                 trainer_state={"student_opt": student_opt.state_dict(), "fake_opt": fake_opt.state_dict()},
                                 meta={"skipped_steps": skipped, "routing": routing.to_dict()}, keep_last=cfg.keep_last)
@@ -333,7 +343,11 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
             save_checkpoint(done)
 
     final = run_dir / "student"
+    export_state = ema.model.state_dict() if ema is not None else accelerator.get_state_dict(student)
     if accelerator.is_main_process:
+        if accelerator.distributed_type == DistributedType.FSDP:  # raw_student holds shards: rebuild it whole
+            raw_student = family.trainable(routing, cfg.student.lora_rank)
+            raw_student.load_state_dict(export_state)
         family.export(ema.model if ema is not None else raw_student, final)
         write_json(run_dir / "summary.json", {"steps": cfg.steps, "skipped_steps": skipped,
                                               "train_seconds": round(time.time() - t0, 1), "routing": routing.to_dict()})
@@ -343,8 +357,9 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
 
 # ------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def student_images(family: Family, student: nn.Module, noise: torch.Tensor, ids: torch.Tensor, timesteps, batch: int = 256) -> torch.Tensor:
+def student_images(family: Family, student: nn.Module, noise: torch.Tensor, ids: torch.Tensor, timesteps, batch: int | None = None) -> torch.Tensor:
     """Student samples in len(timesteps) steps (renoising noise seeded, so repeatable), as images in [-1, 1]."""
+    batch = batch or getattr(family, "sample_batch_size", 256)  # large T2I models sample a few at a time
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
@@ -360,8 +375,9 @@ def student_images(family: Family, student: nn.Module, noise: torch.Tensor, ids:
 
 
 @torch.no_grad()
-def teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor, batch: int = 250) -> torch.Tensor:
+def teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     device = family.device
+    batch = batch or getattr(family, "sample_batch_size", 250)
     return torch.cat([family.to_images(family.teacher_sample(
         family.teacher(), noise[i : i + batch].to(device), ids[i : i + batch], cfg.eval.teacher_sampler,
         cfg.eval.teacher_steps, cfg.dm.guidance_scale)).float().cpu() for i in range(0, len(noise), batch)])

@@ -27,6 +27,7 @@ class Family(Protocol):
     sample_shape: tuple[int, ...]  # one generated sample (pixels or latents), without the batch
     num_conditions: int  # classes or prompts; conditions are drawn as ids in [0, num_conditions)
     feature_dim: int  # width of `hidden_features` (the GAN head's input)
+    device: torch.device  # where the teacher lives and conditions are made
 
     def teacher(self) -> nn.Module: ...  # frozen, eval mode, on the device
 

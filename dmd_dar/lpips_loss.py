@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def load_lpips(net: str = "vgg", pretrained_backbone: bool = True, device: torch
     try:
         # pretrained=False: lpips would load its heads with strict=False (silently skipping a mismatch); we load
         # them below and check. pnet_rand=True skips torchvision's download for a random backbone.
-        model = lpips.LPIPS(pretrained=False, net=net, version="0.1", pnet_rand=not pretrained_backbone, verbose=False)
+        with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=` argument
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(pretrained=False, net=net, version="0.1", pnet_rand=not pretrained_backbone, verbose=False)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a truncated download a RuntimeError
         if not pretrained_backbone:
             raise

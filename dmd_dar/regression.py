@@ -55,6 +55,7 @@ class RegressionPairs:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
             with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
                 np.savez(f, noise=self.noise.float().numpy(), ids=self.ids.long().numpy(),
                          samples=self.samples.float().numpy(), meta=np.array(json.dumps(self.meta, sort_keys=True)))
@@ -89,6 +90,12 @@ class RegressionPairs:
         return cls(torch.from_numpy(noise).float(), torch.from_numpy(ids).long(), torch.from_numpy(samples).float(), meta)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @torch.no_grad()
 def make_pairs(family, n: int, seed: int, sampler: str, steps: int, guidance: float, batch: int = 64,
                progress: Callable[[int], None] | None = None) -> RegressionPairs:
@@ -117,13 +124,14 @@ class RegressionLoss:
     teacher's, on global batch `step` of the pairs (this process's slice `sl` of it)."""
 
     def __init__(self, pairs: RegressionPairs, family, lpips: LPIPSLoss, batch_size: int | None = None, seed: int = 0,
-                 source: str = "pairs"):
+                 source: str | None = None):
+        label = f"regression pairs {source}" if source else "the regression pairs"
         if pairs.sample_shape != tuple(family.sample_shape):
-            raise UserError(f"regression pairs {source} hold samples of shape {list(pairs.sample_shape)} but the teacher "
+            raise UserError(f"{label} hold samples of shape {list(pairs.sample_shape)} but the teacher "
                             f"makes {list(family.sample_shape)}; {MAKE_PAIRS_HINT} for this teacher")
         low, top = int(pairs.ids.min()), int(pairs.ids.max())
         if low < 0 or top >= family.num_conditions:
-            raise UserError(f"regression pairs {source} use condition ids {low}..{top} but the teacher has "
+            raise UserError(f"{label} use condition ids {low}..{top} but the teacher has "
                             f"{family.num_conditions} conditions; {MAKE_PAIRS_HINT} for this teacher")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"regression batch_size={batch_size} must be >= 1")

@@ -58,6 +58,7 @@ class T2IConfig:
     guidance_embed: float = 3.5  # guidance-distilled Flux: the guidance the student and fake score are fed
     sampling_shift: float = 1.0  # SD3-style time shift of the teacher's reference sampler
     route_text: bool = False  # also route the text stream of MM-DiTs (SD3, Flux, Qwen-Image)
+    sample_batch_size: int = 4  # images per call when the trainer samples grids / report sets (memory)
     lora_mlp: bool = False  # LoRA on the feed-forward linears too (default: attention projections only)
 
 
@@ -131,6 +132,54 @@ def tiny_prompt_encoder(model: nn.Module, seq_len: int = 6):
         mask = torch.stack([(torch.arange(seq_len) < n).long() for _, _, n in rows]) if masked else None
         return TextCondition(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]) if pooled else None, mask)
 
+    return encode
+
+
+def fixed_length(encode, length: int | None):
+    """Pad (zeros, mask 0) every encoded batch to `length` tokens. Qwen-Image's encoder returns each batch at
+    its own longest prompt (and drops an all-ones mask); the cache and CFG need one length for all prompts.
+    Only for models that read the mask (Qwen-Image): padding is invisible to them."""
+    from dmd_dar.teachers import TextCondition
+
+    def encode_fixed(prompts: list[str]) -> TextCondition:
+        cond = encode(prompts)
+        n = cond.prompt_embeds.shape[1]
+        if length is None or n == length:
+            return cond
+        if n > length:
+            mask = cond.attention_mask[:, :length] if cond.attention_mask is not None else None
+            return TextCondition(cond.prompt_embeds[:, :length], cond.pooled_prompt_embeds, mask)
+        mask = cond.attention_mask
+        if mask is None:
+            mask = torch.ones(cond.prompt_embeds.shape[:2], dtype=torch.long, device=cond.prompt_embeds.device)
+        embeds = F.pad(cond.prompt_embeds, (0, 0, 0, length - n))
+        return TextCondition(embeds, cond.pooled_prompt_embeds, F.pad(mask, (0, length - n)))
+
+    return encode_fixed
+
+
+def pipeline_text_encoder(source: str, model_class: str, dtype: torch.dtype, device, max_sequence_length: int | None = None):
+    """`encode(prompts) -> TextCondition` with a pipeline's own text encoders, loaded without its transformer and
+    VAE from a pipeline root (local folder with model_index.json, or a hub id). Unavailable: one UserError line."""
+    import diffusers
+
+    from dmd_dar.text import pipeline_prompt_encoder
+
+    path = Path(source).expanduser()
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is not a pipeline root (no model_index.json), so it has no text encoders: pass the "
+                        "pipeline folder, or a precomputed prompt-embedding cache")
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, transformer=None,
+                                                           vae=None, torch_dtype=dtype)
+    except Exception as err:  # missing folder, offline hub, damaged files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load the text encoders from {source!r} ({first}); offline, pass a local pipeline "
+                        "folder or a precomputed prompt-embedding cache") from None
+    pipe.to(device)
+    encode = pipeline_prompt_encoder(pipe, max_sequence_length, device)
+    if model_class == "QwenImageTransformer2DModel":  # the others pad to a fixed length themselves
+        encode = fixed_length(encode, max_sequence_length or 512)
     return encode
 
 
@@ -214,7 +263,7 @@ def decode_latents(vae: nn.Module | None, latents: Tensor, batch: int = 4) -> Te
     out = []
     for chunk in latents.split(batch):
         z = chunk.to(device=device, dtype=torch.float32)
-        if cfg.get("latents_mean") is not None and "temperal_downsample" in cfg:  # AutoencoderKLQwenImage: per-channel mean/std, one video frame
+        if cfg.get("latents_mean") is not None and "temperal_downsample" in cfg:  # Qwen-Image VAE: one video frame
             mean = torch.tensor(cfg["latents_mean"], device=device).view(1, -1, 1, 1)
             std = torch.tensor(cfg["latents_std"], device=device).view(1, -1, 1, 1)
             image = vae.decode((z * std + mean).unsqueeze(2).to(dtype), return_dict=False)[0][:, :, 0]
@@ -279,52 +328,18 @@ class DiffusersFamily:
         if cfg.model_class in ("FluxTransformer2DModel", "QwenImageTransformer2DModel") and side % 2:
             raise UserError(f"t2i.resolution={cfg.resolution}: {cfg.model_class} needs an even latent size (a multiple of {2 * factor} pixels)")
         self.vae_factor = factor
+        self.sample_batch_size = cfg.sample_batch_size
         self.sample_shape = (channels, side, side)
         self.feature_dim = int(getattr(model, "inner_dim", 0) or 0)
 
-        self.prompts = self._load_prompt_cache()
+        encoder = tiny_prompt_encoder(self._teacher) if self.tiny else None
+        self.cache_path = prompt_cache_path(cfg)
+        self.prompts = prepare_prompt_cache(teacher, cfg, self.device, encoder)
         self.num_conditions = len(self.prompts)
         if self.prompts.null is None:
             raise UserError(f"the prompt cache {self.cache_path} has no empty-prompt condition (needed for CFG); delete it to rebuild")
         self.null = self.prompts.null.to(self.device, dtype=self.dtype)
         self.has_guidance_embed = bool(model.config.get("guidance_embeds", False)) and cfg.model_class == "FluxTransformer2DModel"
-
-    # -------------------------------------------------------------------- prompts
-    def _load_prompt_cache(self):
-        from dmd_dar.text import build_prompt_cache, load_prompt_cache
-
-        cfg = self.cfg
-        if cfg.prompts is None and cfg.embeddings_cache is None:
-            raise UserError("a diffusers teacher needs prompts: set t2i.prompts (a file, one prompt per line) "
-                            "and/or t2i.embeddings_cache (a precomputed cache)")
-        self.cache_path = Path(cfg.embeddings_cache or f"{cfg.prompts}.{cfg.model_class}.safetensors")
-        if cfg.prompts is None:
-            return load_prompt_cache(self.cache_path)
-        return build_prompt_cache(cfg.prompts, self.cache_path, _LazyEncoder(self))
-
-    def text_encoder(self):
-        """`encode(prompts)`: the tiny random encoder, or the pipeline's own text encoders (loaded without the
-        transformer and VAE) from t2i.text_encoder or the teacher's pipeline root."""
-        if self.tiny:
-            return tiny_prompt_encoder(self._teacher)
-        import diffusers
-
-        from dmd_dar.text import pipeline_prompt_encoder
-
-        source = self.cfg.text_encoder or self.teacher_source
-        path = Path(source).expanduser()
-        if path.exists() and not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is not a pipeline root (no model_index.json) so it has no text encoders: set "
-                            "t2i.text_encoder to the pipeline folder, or pass a precomputed t2i.embeddings_cache")
-        try:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, transformer=None,
-                                                               vae=None, torch_dtype=self.dtype)
-        except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"cannot load the text encoders from {source!r} ({first}); offline, pass a local pipeline "
-                            "folder as t2i.text_encoder or a precomputed t2i.embeddings_cache") from None
-        pipe.to(self.device)
-        return pipeline_prompt_encoder(pipe, self.cfg.max_sequence_length, self.device)
 
     # -------------------------------------------------------------------- Family protocol
     def teacher(self) -> nn.Module:
@@ -436,12 +451,34 @@ class DiffusersFamily:
 
 
 class _LazyEncoder:
-    """Loads the text encoders only when the prompt cache has to be (re)built."""
+    """Builds the text encoder (`make()`) only when the prompt cache has to be (re)built."""
 
-    def __init__(self, family: DiffusersFamily):
-        self.family, self.encode = family, None
+    def __init__(self, make):
+        self.make, self.encode = make, None
 
     def __call__(self, prompts: list[str]):
         if self.encode is None:
-            self.encode = self.family.text_encoder()
+            self.encode = self.make()
         return self.encode(prompts)
+
+
+def prompt_cache_path(cfg: T2IConfig) -> Path:
+    if cfg.prompts is None and cfg.embeddings_cache is None:
+        raise UserError("a diffusers teacher needs prompts: set t2i.prompts (a file, one prompt per line) "
+                        "and/or t2i.embeddings_cache (a precomputed cache)")
+    return Path(cfg.embeddings_cache or f"{cfg.prompts}.{cfg.model_class}.safetensors")
+
+
+def prepare_prompt_cache(teacher: str, cfg: T2IConfig, device="cpu", encoder=None):
+    """The prompt-embedding cache of a run (`dmd_dar.text.PromptCache`): loaded when it holds exactly the prompts of
+    t2i.prompts (or t2i.prompts is unset), else encoded with `encoder` or the pipeline's text encoders
+    (t2i.text_encoder, default the teacher's pipeline root) and written. Run it once before a multi-GPU launch so
+    that the ranks do not all load the text encoders (docs/t2i.md)."""
+    from dmd_dar.text import build_prompt_cache, load_prompt_cache
+
+    path = prompt_cache_path(cfg)
+    if cfg.prompts is None:
+        return load_prompt_cache(path)
+    encode = encoder or _LazyEncoder(lambda: pipeline_text_encoder(cfg.text_encoder or teacher, cfg.model_class,
+                                                                    resolve_dtype(cfg.dtype), device, cfg.max_sequence_length))
+    return build_prompt_cache(cfg.prompts, path, encode)

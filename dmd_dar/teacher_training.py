@@ -21,6 +21,7 @@ from dmd_dar.grid import save_image_grid
 from dmd_dar.models import DiT
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.training import (
+    mixed_precision_value,
     EMA, CSVLogger, OptimConfig, batch_indices, global_grad_norm, latest_checkpoint, load_run_checkpoint,
     local_slice, make_optimizer, save_run_checkpoint, step_generator, warmup_lambda,
 )
@@ -94,6 +95,9 @@ class TeacherTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     repa: RepaConfig = field(default_factory=RepaConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        self.mixed_precision = mixed_precision_value(self.mixed_precision)
 
 
 def sample_grid_labels(num_images: int, num_classes: int) -> torch.Tensor:

@@ -36,6 +36,19 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def mixed_precision_value(value) -> str:
+    """`mixed_precision=no` arrives as False (YAML 1.1 reads `no` as a boolean): map it back, and check."""
+    value = "no" if value in (False, "False", "false", None) else str(value)
+    if value not in MIXED_PRECISION:
+        from dmd_dar.errors import ConfigError
+
+        raise ConfigError(f"mixed_precision={value!r} is not one of {', '.join(MIXED_PRECISION)}")
+    return value
+
+
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
 

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Sample a teacher or a distilled student into a PNG grid and an .npz (arr_0: uint8 NHWC).
+
+DiT folders (teacher or student; "bundled" = the bundled teacher):
+    python scripts/sample.py runs/teacher_mnist/teacher --labels all --sampler heun --steps 25 --cfg-scale 2 --out samples/teacher
+    python scripts/sample.py runs/default/dar/student --student-steps 1 --labels 0,1,2 --n 30 --out samples/student
+    python scripts/sample.py runs/default/dar/student --timesteps 1.0,0.5 --out samples/student_2step
+Exported diffusers students (folders written by save_dar_pretrained, e.g. runs/dmd_sd3/dar/student):
+    python scripts/sample.py runs/dmd_sd3/dar/student --student-steps 4 --prompts prompts.txt \
+        --embeddings runs/prompt_cache/sd3.safetensors --vae /path/to/sd3-pipeline --out samples/sd3
+  Prompt embeddings come from --embeddings (a cache from dmd_dar.text, e.g. the one the distillation wrote);
+  prompts not in it are encoded with --text-encoder PIPELINE_FOLDER, whose text encoders must be on local disk
+  offline. Without --vae the grid shows the latent preview (first 3 latent channels / 3).
+Without --student-steps / --timesteps the model is sampled with a multi-step sampler (--sampler, --steps, --cfg-scale).
+Image i uses seed + i (independent of --n and --batch-size; the sde sampler's noise is per batch).
+"""
+import argparse
+
+from dmd_dar.errors import cli_main
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model folder (DiT, exported diffusers student, stock diffusers model) or 'bundled'")
+    p.add_argument("--out", required=True, help="output folder: grid.png, samples.npz, sample.json (written atomically)")
+    p.add_argument("--n", type=int, default=None, help="number of images (default: one per label / prompt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="heun", choices=["euler", "heun", "sde"], help="multi-step sampler")
+    p.add_argument("--steps", type=int, default=25, help="multi-step sampler steps")
+    p.add_argument("--shift", type=float, default=1.0, help="SD3-style time shift of the multi-step schedule")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--student-steps", type=int, default=None, help="few-step student: K uniform steps from t=1")
+    p.add_argument("--timesteps", default=None, help="few-step student: explicit times, e.g. 1.0,0.5")
+    p.add_argument("--labels", default=None, help="DiT class labels: 0,1,2 or all (default: all)")
+    p.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="prompts file, one per line")
+    p.add_argument("--embeddings", default=None, help="prompt-embedding cache (.safetensors, dmd_dar.text)")
+    p.add_argument("--text-encoder", default=None, help="pipeline folder (or hub id) with the text encoders")
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--vae", default=None, help="VAE: pipeline folder / vae folder / hub id ('tiny': random, tests)")
+    p.add_argument("--resolution", type=int, default=1024, help="text-to-image: pixels (latents = resolution / VAE factor)")
+    p.add_argument("--vae-scale-factor", type=int, default=8, help="pixels per latent when no --vae is given")
+    p.add_argument("--guidance", type=float, default=3.5, help="Flux-dev guidance embedding")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(n, 8))")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="diffusers weights")
+    return p.parse_args()
+
+
+@cli_main
+def main() -> None:
+    args = parse_args()
+    from dmd_dar.errors import UserError
+    from dmd_dar.sampling import load_sampler_model, parse_timesteps, sample_checkpoint, write_samples
+    from dmd_dar.text import read_prompts
+
+    timesteps = parse_timesteps(args.timesteps, args.student_steps)
+    if args.prompt and args.prompts:
+        raise UserError("give --prompt or --prompts, not both")
+    prompts = args.prompt or (read_prompts(args.prompts) if args.prompts else None)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
+    loaded = load_sampler_model(args.model, args.device, args.dtype)
+    if loaded.kind == "dit" and (prompts or args.embeddings):
+        raise UserError(f"{args.model} is a class-conditional DiT: use --labels, not prompts")
+    samples = sample_checkpoint(
+        loaded, n=args.n, labels=args.labels, prompts=prompts, embeddings=args.embeddings, text_encoder=args.text_encoder,
+        vae=args.vae, resolution=args.resolution, vae_scale_factor=args.vae_scale_factor, seed=args.seed,
+        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, timesteps=timesteps, shift=args.shift,
+        guidance=args.guidance, batch_size=args.batch_size, dtype=args.dtype, max_sequence_length=args.max_sequence_length)
+    out = write_samples(samples, args.out, args.nrow)
+    print(f"wrote {len(samples.images)} images to {out}/ (grid.png, samples.npz)")
+
+
+if __name__ == "__main__":
+    main()
