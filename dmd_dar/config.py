@@ -61,3 +61,14 @@ def save_config(config: Any, path: str | Path) -> None:
     from dmd_dar.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(config)).encode())
+
+
+def parse_config_args(description: str, schema: type[T], argv: Sequence[str] | None = None) -> T:
+    """The command line of every config-driven script: `--config FILE [key=value ...]` -> a typed config."""
+    from dmd_dar.errors import ArgumentParser
+
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 student.routing.mode=residual")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, schema)

@@ -1,6 +1,7 @@
 """User-facing errors: one line that says what is wrong and what to do, exit status 2."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -30,3 +31,15 @@ def cli_main(fn: Callable[..., object]) -> Callable[..., None]:
             sys.exit(2)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: a bad command line is a UserError (exit 2 through `cli_main`),
+    not argparse's usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see --help)")

@@ -19,18 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from dmd_dar.data import DATASET_NAMES, load_dataset  # noqa: E402
-from dmd_dar.errors import UserError, cli_main  # noqa: E402
+from dmd_dar.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from dmd_dar.fid import compute_fid, load_inception  # noqa: E402
 from dmd_dar.image_io import load_images  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2 through cli_main, not argparse's usage dump
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", required=True, help=f"dataset name ({', '.join(DATASET_NAMES)}) or image set")
     parser.add_argument("--real-split", default="train", choices=("train", "heldout", "all"),
                         help="split of a named real dataset")

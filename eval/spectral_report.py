@@ -16,15 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dmd_dar.errors import UserError, cli_main  # noqa: E402
+from dmd_dar.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from dmd_dar.image_io import load_images  # noqa: E402
 from dmd_dar.spectral import DEFAULT_CUTOFFS, DEFAULT_WINDOW, WINDOWS, CHANNEL_MODES  # noqa: E402
 from dmd_dar.spectral_report import HEADLINE_CUTOFF, write_report  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2 through cli_main, not argparse's usage dump
-        raise UserError(f"{message} (see --help)")
 
 
 def _parse_candidate(text: str) -> tuple[str, str]:
@@ -42,7 +37,7 @@ def _parse_floats(text: str, option: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="reference image set (folder, .npz, or run folder)")
     parser.add_argument("--reference-name", default="reference", help="label of the reference in the report")
     parser.add_argument("--candidate", action="append", required=True, metavar="NAME=PATH",

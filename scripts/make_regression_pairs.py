@@ -7,7 +7,6 @@
 The teacher, family, sampler (eval.teacher_sampler, eval.teacher_steps) and guidance (dm.guidance_scale) come
 from the distill config, so the pairs match the teacher the student is distilled from.
 """
-import argparse
 import time
 
 import torch
@@ -15,14 +14,14 @@ from tqdm.auto import tqdm
 
 from dmd_dar.config import load_config
 from dmd_dar.distill import DistillConfig
-from dmd_dar.errors import UserError, cli_main
+from dmd_dar.errors import ArgumentParser, UserError, cli_main
 from dmd_dar.families import make_family
 from dmd_dar.regression import make_pairs
 
 
 @cli_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="the distill YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the distill config, e.g. teacher=<folder>")
     parser.add_argument("--n", type=int, default=1024, help="number of pairs")

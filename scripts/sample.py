@@ -14,13 +14,12 @@ Exported diffusers students (folders written by save_dar_pretrained, e.g. runs/d
 Without --student-steps / --timesteps the model is sampled with a multi-step sampler (--sampler, --steps, --cfg-scale).
 Image i uses seed + i (independent of --n and --batch-size; the sde sampler's noise is per batch).
 """
-import argparse
 
-from dmd_dar.errors import cli_main
+from dmd_dar.errors import ArgumentParser, cli_main
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("model", help="model folder (DiT, exported diffusers student, stock diffusers model) or 'bundled'")
     p.add_argument("--out", required=True, help="output folder: grid.png, samples.npz, sample.json (written atomically)")
     p.add_argument("--n", type=int, default=None, help="number of images (default: one per label / prompt)")
