@@ -181,7 +181,8 @@ class DepthRouter(nn.Module):
             if t_emb is None:
                 raise ValueError("static_t routing needs the timestep embedding: router.start(h0, t_emb)")
             with torch.autocast(device_type=h0.device.type, enabled=False):
-                state.time_query = (t_emb.float() @ self.query_time.float()).unsqueeze(1)
+                dtype = torch.promote_types(t_emb.dtype, torch.float32)
+                state.time_query = (t_emb.to(dtype) @ self.query_time.to(dtype)).unsqueeze(1)
         return state
 
     def read(self, state: RoutingState, l: int) -> torch.Tensor:
@@ -220,9 +221,10 @@ class DepthRouter(nn.Module):
 
     def _query(self, state: RoutingState, index: int, previous: torch.Tensor) -> torch.Tensor:
         q = self.config.query
+        dtype = torch.promote_types(previous.dtype, torch.float32)  # at least fp32
         if q == "dynamic":
-            return previous.float() @ self.query_dynamic[index].float().t()  # [B, T, D]
-        static = self.query_static[index].float().view(1, 1, -1)
+            return previous.to(dtype) @ self.query_dynamic[index].to(dtype).t()  # [B, T, D]
+        static = self.query_static[index].to(dtype).view(1, 1, -1)
         return static + state.time_query if q == "static_t" else static
 
     def _aggregate(self, state: RoutingState, values: list[torch.Tensor], index: int, previous: torch.Tensor, key) -> torch.Tensor:

@@ -92,7 +92,8 @@ def test_residual_checkpoint_loads_into_dar_model(tmp_path):
     assert new_keys and all(k.startswith("router.") for k in new_keys)
     assert set(residual.state_dict()) <= set(dar.state_dict())
     x, t, y = inputs()
-    torch.testing.assert_close(dar(x, t, y), residual(x, t, y), rtol=1e-4, atol=1e-5)
+    ref = residual(x, t, y)
+    assert ((dar(x, t, y) - ref).norm() / ref.norm()).item() < 1e-4
     # and back: a DAR checkpoint round-trips with its router weights
     with torch.no_grad():
         dar.router.query_dynamic.normal_()

@@ -12,11 +12,17 @@ import math
 import torch
 
 
+def compute_dtype(values: torch.Tensor) -> torch.dtype:
+    """Routing maths runs in at least fp32 (float64 inputs stay float64, e.g. for finite differences)."""
+    return torch.promote_types(values.dtype, torch.float32)
+
+
 def routing_logits(values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[B, T, S] logits q . RMSNorm(v_i) / sqrt(D), fp32."""
-    v = values.float()
+    """[B, T, S] logits q . RMSNorm(v_i) / sqrt(D), in at least fp32."""
+    dtype = compute_dtype(values)
+    v = values.to(dtype)
     inv_rms = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)  # [S, B, T, 1]
-    qg = query.float() * key_weight.float()  # fold the key weight into the query
+    qg = query.to(dtype) * key_weight.to(dtype)  # fold the key weight into the query
     logits = (v * qg).sum(-1, keepdim=True) * inv_rms  # [S, B, T, 1]
     return logits.squeeze(-1).permute(1, 2, 0) / math.sqrt(values.shape[-1])
 
@@ -29,4 +35,4 @@ def routing_weights(values: torch.Tensor, query: torch.Tensor, key_weight: torch
 def aggregate_reference(values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[B, T, D] fp32 convex combination of the raw values."""
     alpha = routing_weights(values, query, key_weight, eps)  # [B, T, S]
-    return torch.einsum("bts,sbtd->btd", alpha, values.float())
+    return torch.einsum("bts,sbtd->btd", alpha, values.to(alpha.dtype))
