@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dmd_dar.errors import UserError
-from dmd_dar.kernels.reference import aggregate_reference, routing_logits, routing_weights
+from dmd_dar.kernels.reference import aggregate_reference, aggregate_sources, routing_logits, routing_weights
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -56,9 +56,9 @@ def aggregate(values, query, key_weight, eps: float = 1e-6, backend: str = "auto
 
         if not triton_aggregate.interpreting():
             return triton_aggregate.aggregate_triton(values, query, key_weight, eps)
-    if not isinstance(values, torch.Tensor):
-        values = torch.stack(values)
-    return aggregate_reference(values, query, key_weight, eps)
+    if isinstance(values, torch.Tensor):
+        return aggregate_reference(values, query, key_weight, eps)
+    return aggregate_sources(values, query, key_weight, eps)
 
 
-__all__ = ["BACKENDS", "aggregate", "aggregate_reference", "routing_logits", "routing_weights", "triton_available"]
+__all__ = ["BACKENDS", "aggregate", "aggregate_reference", "aggregate_sources", "routing_logits", "routing_weights", "triton_available"]

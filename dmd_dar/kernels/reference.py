@@ -36,3 +36,22 @@ def aggregate_reference(values: torch.Tensor, query: torch.Tensor, key_weight: t
     """[B, T, D] fp32 convex combination of the raw values."""
     alpha = routing_weights(values, query, key_weight, eps)  # [B, T, S]
     return torch.einsum("bts,sbtd->btd", alpha, values.to(alpha.dtype))
+
+
+def aggregate_sources(values, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The reference maths on a list of sources, without stacking them.
+
+    Same result as `aggregate_reference(torch.stack(values), ...)` up to summation order, but autograd keeps
+    references to the sources instead of one stacked copy per aggregator: on the CPU that copy is most of
+    DAR's extra memory and time (docs/benchmarks.md). fp32 sources are used in place.
+    """
+    dtype = compute_dtype(values[0])
+    qg = query.to(dtype) * key_weight.to(dtype)
+    scale = 1.0 / math.sqrt(values[0].shape[-1])
+    sources = [v.to(dtype) for v in values]
+    logits = torch.stack([(v * qg).sum(-1) * torch.rsqrt(v.pow(2).mean(-1) + eps) for v in sources], dim=-1) * scale
+    alpha = torch.softmax(logits, dim=-1)  # [B, T, S]
+    out = alpha[..., 0:1] * sources[0]
+    for i in range(1, len(sources)):
+        out = out + alpha[..., i : i + 1] * sources[i]
+    return out
