@@ -34,7 +34,7 @@ def tiny_config(tmp: Path, teacher: Path, **top) -> Path:
     cfg = {
         "seed": 0, "out_dir": str(tmp / "run"), "teacher": str(teacher), "steps": 4, "batch_size": 4,
         "log_every": 1, "sample_every": 2, "checkpoint_every": 2,
-        "student": {"routing": {"mode": "dar", "query": "static_t"}, "optim": {"lr": 1e-3, "beta1": 0.0}},
+        "student": {"routing": {"mode": "dar", "query": "static_t"}, "optim": {"lr": 1e-3, "beta1": 0.0}, "ema_decay": 0.9},
         "fake": {"updates_per_student_step": 2, "optim": {"lr": 1e-3, "beta1": 0.0}},
         "eval": {"grid_images": 6, "teacher_steps": 2, "report_samples": 12, "reference": "", "hf_every": 2, "hf_batch": 6},
     }
