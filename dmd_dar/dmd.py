@@ -47,11 +47,6 @@ def noised_dm_loss(x: torch.Tensor, cond: Any, real: Denoiser, fake: Denoiser, t
     return distribution_matching_loss(x, real_x0, fake_x0)
 
 
-def fake_score_loss(fake: ScoreModel, x: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The teacher's own denoising objective, on detached generator samples."""
-    return fake.denoising_loss(x.detach(), noise, t, cond)
-
-
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss on the discriminator's logits for generated samples."""
     return F.softplus(-fake_logits.float()).mean()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import math
 import os
 import re
 import shutil
@@ -194,12 +193,3 @@ def global_grad_norm(params) -> float:
 
 def all_finite(*values: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in values)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def format_seconds(seconds: float) -> str:
-    m, s = divmod(int(math.ceil(seconds)), 60)
-    return f"{m}m{s:02d}s"
