@@ -1,5 +1,6 @@
 """The one checkpoint writer/reader: safetensors weights + JSON config, torch state loadable with
-`weights_only=True`, every write atomic (temp path + rename), so a crash never leaves a damaged checkpoint.
+`weights_only=True`, and every output file or folder of the library written atomically (temp path +
+rename), so a crash never leaves a damaged checkpoint, cache or report.
 
 Layout of a model folder:      config.json  model.safetensors
 Layout of a training run dir:  checkpoints/step_000100/{<model folders>/, trainer_state.pt, meta.json}
@@ -11,15 +12,28 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from dmd_dar.errors import UserError
 
 CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Environment variables that switch the Hugging Face libraries offline, in the order huggingface_hub reads them.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
+
+
+def hub_offline() -> bool:
+    """True when the user asked for no downloads: the first of OFFLINE_VARIABLES that is set decides."""
+    for name in OFFLINE_VARIABLES:
+        value = os.environ.get(name, "").strip().lower()
+        if value:
+            return value in ("1", "true", "yes", "on")
+    return False
 
 
 def _umask() -> int:
@@ -28,55 +42,99 @@ def _umask() -> int:
     return mask
 
 
-def _public(path: Path, mode: int) -> None:
+def _make_public(path: Path, mode: int) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; give the final ones the usual permissions."""
     os.chmod(path, mode & ~_umask())
-WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write one file atomically: `write(tmp)` fills a temporary sibling that has the same suffix (so
+    writers such as np.save / np.savez that append a suffix leave the name alone); it is then synced to
+    disk and renamed onto `path` in one step. On error the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _make_public(tmp, 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_replaceable(final: str | os.PathLike, own_files: Collection[str] | Callable[[str], bool] | None = None,
+                      previous: str = "a previous output") -> None:
+    """Refuse to replace what is not ours: `final` may be missing, or a folder; with `own_files` (names,
+    or a predicate on a name) the folder may hold only such names. `previous` says what such a folder is
+    ("a previous report") in the error. `atomic_dir` runs this first; call it early to fail before work."""
+    final = Path(final)
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise UserError(f"{final} exists and is not a folder; choose an empty or new folder")
+    if own_files is None:
+        return
+    if isinstance(own_files, str):  # one name, not its characters
+        own_files = {own_files}
+    is_own = own_files if callable(own_files) else own_files.__contains__
+    foreign = sorted(p.name for p in final.iterdir() if not is_own(p.name))
+    if foreign:
+        raise UserError(f"{final} holds other files, not {previous} ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename (the old one is
-    removed only after the new one is in place). On error the temporary folder is deleted."""
+def atomic_dir(final: str | os.PathLike, own_files: Collection[str] | Callable[[str], bool] | None = None,
+               previous: str = "a previous output") -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename. On error the
+    temporary folder is deleted and `final` is untouched. An existing `final` is first checked with
+    `check_replaceable(final, own_files, previous)`, before anything is written.
+
+    Replacing: the old folder is renamed aside first, then the new one into place, and the old one is
+    deleted last; a crash in between leaves the old folder as `.<name>.old-*/<name>`, never lost."""
     final = Path(final)
+    check_replaceable(final, own_files, previous)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    _public(tmp, 0o777)
     try:
+        _make_public(tmp, 0o777)
         yield tmp
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        try:
+            os.replace(final, aside / final.name)
+        except BaseException:
+            aside.rmdir()
+            raise
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside / final.name, final)  # put the previous folder back; if that fails, keep it aside
+            aside.rmdir()
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _public(Path(tmp), 0o666)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -128,20 +186,9 @@ def load_model_files(folder: str | os.PathLike) -> ModelFiles:
     return ModelFiles(config=config, state_dict=state_dict)
 
 
-def save_torch_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def save_torch_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Optimizer/trainer state: tensors, numbers, strings, lists and dicts only (weights_only-loadable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        _public(Path(tmp), 0o666)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_torch_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -149,17 +196,3 @@ def load_torch_state(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} not found: the checkpoint has no trainer state")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rng_state() -> dict[str, Any]:
-    """CPU (and CUDA) RNG states as tensors, so `torch.load(weights_only=True)` accepts them."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

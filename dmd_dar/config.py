@@ -5,13 +5,15 @@ Unknown keys and values of the wrong type are errors that name the key (ConfigEr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from dmd_dar.errors import ConfigError, UserError
+from dmd_dar.checkpoint import atomic_write_bytes
+from dmd_dar.errors import ArgumentParser, ConfigError, UserError
 
 T = TypeVar("T")
 
@@ -58,17 +60,21 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from dmd_dar.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(config)).encode())
 
 
 def parse_config_args(description: str, schema: type[T], argv: Sequence[str] | None = None) -> T:
     """The command line of every config-driven script: `--config FILE [key=value ...]` -> a typed config."""
-    from dmd_dar.errors import ArgumentParser
-
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 student.routing.mode=residual")
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides, schema)
+
+
+def require_positive(config: Any, *names: str, prefix: str = "") -> None:
+    """Schema validation shared by the trainers: each named field must be > 0 (counts, sizes, cadences)."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ConfigError(f"{prefix}{name}={value} must be > 0")

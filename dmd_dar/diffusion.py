@@ -16,7 +16,8 @@ All samplers below are written in terms of that x0 denoiser.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -46,6 +47,7 @@ __all__ = [
     "sample_heun",
     "sample_euler_maruyama",
     "sample",
+    "check_timesteps",
     "few_step_sample",
     "sample_t",
     "SAMPLERS",
@@ -57,7 +59,7 @@ __all__ = [
 _DIV_EPS = 1e-6
 
 
-def _bcast(t: Union[Tensor, float], like: Tensor) -> Tensor:
+def _bcast(t: Tensor | float, like: Tensor) -> Tensor:
     """Per-sample t ([B] or scalar) -> shape [B, 1, 1, ...] broadcastable against ``like``."""
     t = torch.as_tensor(t, device=like.device)
     if not t.is_floating_point():
@@ -71,23 +73,21 @@ def _bcast(t: Union[Tensor, float], like: Tensor) -> Tensor:
     return t.view(-1, *([1] * (like.ndim - 1)))
 
 
-# --------------------------------------------------------------------------------------------------
-# Flow interpolant and conversions
-# --------------------------------------------------------------------------------------------------
+# ------ Flow interpolant and conversions -----------------------------------------------------------
 
 
-def interpolate(x0: Tensor, noise: Tensor, t: Union[Tensor, float]) -> Tensor:
+def interpolate(x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
     """x_t = (1 - t) x0 + t noise, with t of shape [B] (or a scalar) broadcast over the other dims."""
     tb = _bcast(t, x0)
     return (1 - tb) * x0 + tb * noise
 
 
-def x0_from_velocity(x_t: Tensor, t: Union[Tensor, float], v: Tensor) -> Tensor:
+def x0_from_velocity(x_t: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
     """x0 = x_t - t v. Defined for every t in [0, 1]."""
     return x_t - _bcast(t, x_t) * v
 
 
-def velocity_from_x0(x_t: Tensor, t: Union[Tensor, float], x0: Tensor) -> Tensor:
+def velocity_from_x0(x_t: Tensor, t: Tensor | float, x0: Tensor) -> Tensor:
     """v = eps - x0 = (x_t - x0) / t.
 
     Undefined at t = 0 (x_t = x0 there); t is clamped to >= 1e-6, so a consistent x0 gives v ~ 0
@@ -97,7 +97,7 @@ def velocity_from_x0(x_t: Tensor, t: Union[Tensor, float], x0: Tensor) -> Tensor
     return (x_t - x0) / tb
 
 
-def x0_from_eps(x_t: Tensor, t: Union[Tensor, float], eps: Tensor) -> Tensor:
+def x0_from_eps(x_t: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
     """x0 = (x_t - t eps) / (1 - t).
 
     At t = 1 x_t carries no information about x0; 1 - t is clamped to >= 1e-6, so the answer there
@@ -107,15 +107,13 @@ def x0_from_eps(x_t: Tensor, t: Union[Tensor, float], eps: Tensor) -> Tensor:
     return (x_t - tb * eps) / (1 - tb).clamp_min(_DIV_EPS)
 
 
-def eps_from_x0(x_t: Tensor, t: Union[Tensor, float], x0: Tensor) -> Tensor:
+def eps_from_x0(x_t: Tensor, t: Tensor | float, x0: Tensor) -> Tensor:
     """eps = (x_t - (1 - t) x0) / t. t is clamped to >= 1e-6 (eps is undefined at t = 0)."""
     tb = _bcast(t, x_t)
     return (x_t - (1 - tb) * x0) / tb.clamp_min(_DIV_EPS)
 
 
-# --------------------------------------------------------------------------------------------------
-# Variance-preserving (DDPM / DiT / SD1-2 style) teachers
-# --------------------------------------------------------------------------------------------------
+# ------ Variance-preserving (DDPM / DiT / SD1-2 style) teachers ------------------------------------
 #
 # A VP model sees x_vp = sqrt(ab) x0 + sqrt(1 - ab) eps (ab = alpha_bar = alphas_cumprod[k]). The flow
 # point x_t = (1 - t) x0 + t eps is the same point up to scale when both have the same signal-to-noise
@@ -125,7 +123,7 @@ def eps_from_x0(x_t: Tensor, t: Union[Tensor, float], x0: Tensor) -> Tensor:
 #   x_vp = x_t * sqrt(ab) / (1 - t) = x_t / sqrt((1 - t)^2 + t^2)      (no division by zero anywhere)
 
 
-def flow_t_to_vp(t: Union[Tensor, float]) -> Tensor:
+def flow_t_to_vp(t: Tensor | float) -> Tensor:
     """Flow time t -> VP alpha_bar with the same SNR: ab = (1 - t)^2 / ((1 - t)^2 + t^2).
 
     t = 0 -> 1 (clean), t = 1 -> 0 (pure noise), t = 0.5 -> 0.5.
@@ -136,7 +134,7 @@ def flow_t_to_vp(t: Union[Tensor, float]) -> Tensor:
     return a / (a + b)
 
 
-def vp_to_flow_t(alpha_bar: Union[Tensor, float]) -> Tensor:
+def vp_to_flow_t(alpha_bar: Tensor | float) -> Tensor:
     """VP alpha_bar -> flow time t with the same SNR: t = sqrt(1 - ab) / (sqrt(ab) + sqrt(1 - ab))."""
     ab = torch.as_tensor(alpha_bar)
     ab = (ab if ab.is_floating_point() else ab.float()).clamp(0.0, 1.0)
@@ -144,7 +142,7 @@ def vp_to_flow_t(alpha_bar: Union[Tensor, float]) -> Tensor:
     return n / (s + n)  # s + n >= 1, never zero
 
 
-def flow_to_vp_input(x_t: Tensor, t: Union[Tensor, float]) -> Tensor:
+def flow_to_vp_input(x_t: Tensor, t: Tensor | float) -> Tensor:
     """The VP model input for the flow point x_t: x_vp = x_t / sqrt((1 - t)^2 + t^2).
 
     Feed it to the VP model together with alpha_bar = flow_t_to_vp(t) (or the matching discrete
@@ -154,13 +152,13 @@ def flow_to_vp_input(x_t: Tensor, t: Union[Tensor, float]) -> Tensor:
     return x_t * torch.rsqrt((1 - tb) ** 2 + tb**2)
 
 
-def vp_to_flow_input(x_vp: Tensor, alpha_bar: Union[Tensor, float]) -> Tensor:
+def vp_to_flow_input(x_vp: Tensor, alpha_bar: Tensor | float) -> Tensor:
     """Inverse of ``flow_to_vp_input``: x_t = x_vp / (sqrt(ab) + sqrt(1 - ab))."""
     ab = _bcast(alpha_bar, x_vp).clamp(0.0, 1.0)
     return x_vp / (ab.sqrt() + (1 - ab).sqrt())
 
 
-def x0_from_vp_eps(x_vp: Tensor, alpha_bar: Union[Tensor, float], eps: Tensor) -> Tensor:
+def x0_from_vp_eps(x_vp: Tensor, alpha_bar: Tensor | float, eps: Tensor) -> Tensor:
     """x0 = (x_vp - sqrt(1 - ab) eps) / sqrt(ab) for an eps-predicting VP model.
 
     ab is clamped to >= 1e-6 (at ab = 0 x0 is not recoverable from eps).
@@ -169,7 +167,7 @@ def x0_from_vp_eps(x_vp: Tensor, alpha_bar: Union[Tensor, float], eps: Tensor) -
     return (x_vp - (1 - ab).sqrt() * eps) / ab.clamp_min(_DIV_EPS).sqrt()
 
 
-def x0_from_vp_v(x_vp: Tensor, alpha_bar: Union[Tensor, float], v_vp: Tensor) -> Tensor:
+def x0_from_vp_v(x_vp: Tensor, alpha_bar: Tensor | float, v_vp: Tensor) -> Tensor:
     """x0 = sqrt(ab) x_vp - sqrt(1 - ab) v for a VP v-prediction model (v = sqrt(ab) eps - sqrt(1-ab) x0).
 
     Defined for every ab in [0, 1].
@@ -203,9 +201,7 @@ def vp_timestep_from_alpha_bar(alpha_bar: Tensor, alphas_cumprod: Tensor) -> Ten
     return k.to(alpha_bar.dtype if alpha_bar.is_floating_point() else torch.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# Denoisers
-# --------------------------------------------------------------------------------------------------
+# ------ Denoisers ----------------------------------------------------------------------------------
 
 
 class Denoiser(Protocol):
@@ -231,9 +227,7 @@ class VelocityDenoiser:
         return x0_from_velocity(x_t.to(dtype), t.to(dtype), v.to(dtype))
 
 
-# --------------------------------------------------------------------------------------------------
-# Classifier-free guidance
-# --------------------------------------------------------------------------------------------------
+# ------ Classifier-free guidance -------------------------------------------------------------------
 
 
 def concat_cond(cond: Any, null_cond: Any) -> Any:
@@ -279,7 +273,7 @@ def cfg_denoiser(
     denoiser: Denoiser,
     scale: float,
     null_cond: Any,
-    interval: Optional[tuple[float, float]] = None,
+    interval: tuple[float, float] | None = None,
 ) -> Denoiser:
     """Classifier-free guidance around an x0 denoiser.
 
@@ -313,9 +307,7 @@ def cfg_denoiser(
     return guided
 
 
-# --------------------------------------------------------------------------------------------------
-# Time schedules
-# --------------------------------------------------------------------------------------------------
+# ------ Time schedules -----------------------------------------------------------------------------
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -336,7 +328,7 @@ def time_schedule(steps: int, shift: float = 1.0, device=None) -> Tensor:
 
 
 def _resolve_schedule(
-    steps: Optional[int], t_schedule: Optional[Union[Tensor, Sequence[float]]], shift: float, device
+    steps: int | None, t_schedule: Tensor | Sequence[float] | None, shift: float, device
 ) -> Tensor:
     if t_schedule is None:
         if steps is None:
@@ -365,9 +357,7 @@ def _work_dtype(noise: Tensor) -> torch.dtype:
     return torch.promote_types(noise.dtype, torch.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# Samplers (all in terms of the x0 denoiser; they run under torch.no_grad)
-# --------------------------------------------------------------------------------------------------
+# ------ Samplers (all in terms of the x0 denoiser; they run under torch.no_grad) -------------------
 #
 # ODE: dx/dt = v(x, t) = (x - x0(x, t)) / t, integrated from t = 1 (noise) down to t = 0. An Euler
 # step from t to s is x_s = (1 - s) x0 + s eps_hat with eps_hat = (x - (1 - t) x0) / t, i.e. DDIM; a
@@ -379,8 +369,8 @@ def sample_euler(
     denoiser: Denoiser,
     noise: Tensor,
     cond: Any = None,
-    steps: Optional[int] = None,
-    t_schedule: Optional[Union[Tensor, Sequence[float]]] = None,
+    steps: int | None = None,
+    t_schedule: Tensor | Sequence[float] | None = None,
     shift: float = 1.0,
 ) -> Tensor:
     """Euler (= DDIM) ODE sampler from ``noise`` at t_schedule[0] (default 1) to t_schedule[-1].
@@ -401,8 +391,8 @@ def sample_heun(
     denoiser: Denoiser,
     noise: Tensor,
     cond: Any = None,
-    steps: Optional[int] = None,
-    t_schedule: Optional[Union[Tensor, Sequence[float]]] = None,
+    steps: int | None = None,
+    t_schedule: Tensor | Sequence[float] | None = None,
     shift: float = 1.0,
 ) -> Tensor:
     """Heun (2nd-order, trapezoidal) ODE sampler; the last step to t = 0 is a plain Euler step.
@@ -423,7 +413,7 @@ def sample_heun(
     return x
 
 
-def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise shaped like x, drawn from ``generator`` (its device) or the global RNG."""
     if generator is None:
         return torch.randn_like(x)
@@ -435,11 +425,11 @@ def sample_euler_maruyama(
     denoiser: Denoiser,
     noise: Tensor,
     cond: Any = None,
-    steps: Optional[int] = None,
-    t_schedule: Optional[Union[Tensor, Sequence[float]]] = None,
+    steps: int | None = None,
+    t_schedule: Tensor | Sequence[float] | None = None,
     shift: float = 1.0,
     diffusion_scale: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Euler-Maruyama sampler for the reverse SDE with the flow's marginals (SiT-style).
 
@@ -479,11 +469,11 @@ def sample(
     noise: Tensor,
     cond: Any = None,
     sampler: str = "euler",
-    steps: Optional[int] = 50,
-    t_schedule: Optional[Union[Tensor, Sequence[float]]] = None,
+    steps: int | None = 50,
+    t_schedule: Tensor | Sequence[float] | None = None,
     shift: float = 1.0,
     diffusion_scale: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Multi-step sampling with ``sampler`` in {"euler", "heun", "sde"} (NFEs: see each sampler).
 
@@ -500,34 +490,54 @@ def sample(
     return SAMPLERS[sampler](denoiser, noise, cond, steps, t_schedule, shift)
 
 
+def check_timesteps(timesteps: Sequence[float], start: float | None = None) -> list[float]:
+    """The one validation of a K-step student's times: strictly decreasing within (0, 1] (and beginning at
+    ``start`` when given). Returns them as floats; raises ValueError saying what is wrong."""
+    ts = [float(t) for t in timesteps]
+    if not ts or any(not 0.0 < t <= 1.0 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly decreasing within (0, 1], got {list(timesteps)}")
+    if start is not None and ts[0] != start:
+        raise ValueError(f"timesteps must begin at {start}, got {list(timesteps)}")
+    return ts
+
+
 def few_step_sample(
     denoiser: Denoiser,
     noise: Tensor,
     cond: Any,
     timesteps: Sequence[float] = (1.0,),
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
+    *,
+    renoise: Tensor | None = None,
+    train_step: int | None = None,
 ) -> Tensor:
-    """DMD2-style K-step generation: predict x0, re-noise to the next time with fresh noise, repeat.
+    """The one K-step chain (DMD2): at each t_k predict x0, then re-noise it to t_{k+1} with fresh noise.
 
-    ``timesteps`` is strictly decreasing in (0, 1], normally starting at 1.0, e.g. [1.0] (one step)
-    or [1.0, 0.75, 0.5, 0.25]. NFE = len(timesteps). Re-noising draws from ``generator`` if given,
-    else from the global RNG. Gradient mode is the caller's (a trainer may backprop through it).
+    ``timesteps`` is strictly decreasing in (0, 1], normally starting at 1.0, e.g. [1.0] (one step) or
+    [1.0, 0.75, 0.5, 0.25]; NFE = len(timesteps). Re-noising noise is ``renoise[k]`` ([K-1, *noise.shape],
+    drawn by the caller for determinism) if given, else drawn from ``generator``, else from the global RNG.
+    Gradient mode is the caller's. ``train_step=k`` is DMD2's *backward simulation*: the chain runs without
+    gradient up to step k and returns step k's x0, the only prediction that carries a gradient.
     """
-    ts = [float(t) for t in timesteps]
-    if not ts or any(not 0.0 < t <= 1.0 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps must be strictly decreasing within (0, 1], got {list(timesteps)}")
+    ts = check_timesteps(timesteps)
+    last = len(ts) - 1 if train_step is None else int(train_step)
+    if not 0 <= last < len(ts):
+        raise ValueError(f"train_step={train_step} is outside the {len(ts)} steps")
+    if renoise is not None and len(renoise) < last:
+        raise ValueError(f"renoise holds {len(renoise)} noises; {last} re-noising steps need one each")
     x = noise.to(_work_dtype(noise))
-    x0 = x
-    for k, t in enumerate(ts):
-        x0 = denoiser(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32), cond)
-        if k + 1 < len(ts):
-            x = interpolate(x0.to(x.dtype), _randn_like(x, generator), ts[k + 1])
-    return x0
+    for k in range(last + 1):
+        t = torch.full((x.shape[0],), ts[k], device=x.device, dtype=torch.float32)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (train_step is None or k == train_step)):
+            x0 = denoiser(x, t, cond)
+        if k == last:
+            return x0
+        fresh = renoise[k].to(x.device, x.dtype) if renoise is not None else _randn_like(x, generator)
+        x = interpolate(x0.to(x.dtype), fresh, ts[k + 1])
+    raise AssertionError("unreachable")
 
 
-# --------------------------------------------------------------------------------------------------
-# Training-time t samplers
-# --------------------------------------------------------------------------------------------------
+# ------ Training-time t samplers -------------------------------------------------------------------
 
 T_SAMPLER_KINDS = ("uniform", "logit_normal", "shifted")
 
@@ -535,7 +545,7 @@ T_SAMPLER_KINDS = ("uniform", "logit_normal", "shifted")
 def sample_t(
     batch: int,
     kind: str = "uniform",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     t_min: float = 0.0,
     t_max: float = 1.0,
     mean: float = 0.0,
@@ -547,7 +557,14 @@ def sample_t(
 
     kind: "uniform" (u ~ U(0, 1)), "logit_normal" (u = sigmoid(mean + std z), SD3) or "shifted"
     (uniform u then the SD3 shift u' = shift u / (1 + (shift - 1) u)). The draw u in [0, 1] is then
-    mapped affinely onto [t_min, t_max]. Randomness comes from ``generator`` (its device) if given,
+    mapped affinely onto [t_min, t_max].
+
+    Why the shift comes before the affine map: the shift is a reparameterisation of [0, 1] that fixes both
+    ends, so shifting first keeps every draw inside the [t_min, t_max] the caller asked for and only moves
+    density towards t_max (noise). Shifting after the map would move the range itself, to
+    [shift(t_min), shift(t_max)], so t_max = 0.98 with shift 3 would give draws up to 0.993.
+
+    Randomness comes from ``generator`` (its device) if given,
     else from the global RNG; the result is moved to ``device`` (default: the generator's device).
     """
     if kind not in T_SAMPLER_KINDS:
@@ -568,17 +585,19 @@ def sample_t(
     return t.to(device=device or gen_device, dtype=torch.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# Training objective of velocity models (teacher training and the fake score)
-# --------------------------------------------------------------------------------------------------
+# ------ Training objective of velocity models (teacher training and the fake score) ----------------
 
 
-def flow_matching_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+def flow_matching_loss(model: Callable[..., Any], x0: Tensor, noise: Tensor, t: Tensor, cond: Any = None,
+                       return_output: bool = False) -> Tensor | tuple[Tensor, Any]:
     """Velocity MSE: || model(x_t, t, cond) - (noise - x0) ||^2 averaged, with x_t = interpolate(x0, noise, t).
 
     The one denoising objective of our velocity models: the teacher trains with it and the DMD fake score
-    trains with it on detached student samples. fp32 loss even when the model ran under autocast.
+    trains with it on detached student samples. fp32 loss even when the model ran under autocast. A model
+    output with a ``.sample`` field (the DiT's REPA output) is scored on that field; ``return_output=True``
+    also returns the raw output (for the REPA features).
     """
-    prediction = model(interpolate(x0, noise, t), t, cond)
-    prediction = prediction.sample if hasattr(prediction, "sample") else prediction
-    return torch.nn.functional.mse_loss(prediction.float(), (noise - x0).float())
+    output = model(interpolate(x0, noise, t), t, cond)
+    prediction = output.sample if hasattr(output, "sample") else output
+    loss = torch.nn.functional.mse_loss(prediction.float(), (noise - x0).float())
+    return (loss, output) if return_output else loss

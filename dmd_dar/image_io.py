@@ -7,12 +7,13 @@ Supported image sets (`load_images`):
 
 Every problem with a path or an array (missing, empty, wrong shape or dtype) raises UserError with one
 line that says what is wrong.
+
+The readers of single files (`read_image`, `read_npz`, `image_files`) are shared with `dmd_dar.data`;
+writes go through `dmd_dar.checkpoint` (atomic).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dmd_dar.checkpoint import atomic_dir, atomic_write
 from dmd_dar.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SAMPLES_FILE = "samples.npz"
 NPZ_KEY = "arr_0"
+LABELS_KEY = "arr_1"  # optional integer class labels next to the images (dmd_dar.data reads them)
+GREY_MODES = ("L", "1", "I;16", "I")  # PIL modes read as one grey channel
 
 
 def from_uint8_nhwc(array: Any) -> torch.Tensor:
@@ -40,8 +44,8 @@ def from_uint8_nhwc(array: Any) -> torch.Tensor:
         )
     if array.shape[0] == 0:
         raise UserError(f"the image array is empty (shape {tuple(array.shape)})")
-    images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float()
-    return images / 127.5 - 1.0
+    # In place after the one copy that .float() makes: a whole dataset is converted at once.
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def to_uint8_nhwc(images: Any) -> np.ndarray:
@@ -58,46 +62,73 @@ def to_uint8_nhwc(images: Any) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _read_npz(path: Path) -> np.ndarray:
+def check_uint8_nhwc(array: np.ndarray, where: str | os.PathLike) -> np.ndarray:
+    """`array` itself if it is a non-empty uint8 N x H x W x C with C = 1 or 3, else a UserError naming `where`."""
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3) or array.shape[0] == 0:
+        raise UserError(
+            f"{where}: expected uint8 images shaped (N, H, W, C) with C = 1 or 3, "
+            f"got dtype {array.dtype} shape {tuple(array.shape)}"
+        )
+    return array
+
+
+def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images (`arr_0`, unchecked) and the labels (`arr_1`, or None) of an `.npz`."""
+    path = Path(path)
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             if NPZ_KEY not in data.files:
-                raise UserError(f"{path}: no '{NPZ_KEY}' array in the .npz (found {data.files}); save images as arr_0")
-            return data[NPZ_KEY]
+                raise UserError(f"{path}: no '{NPZ_KEY}' array in the .npz (found {data.files}); "
+                                f"store images as {NPZ_KEY} uint8 NHWC")
+            return data[NPZ_KEY], (data[LABELS_KEY] if LABELS_KEY in data.files else None)
     except UserError:
         raise
-    except Exception as err:  # zip/pickle errors: a damaged or foreign file
+    except Exception as err:  # zip/npy errors: a damaged or foreign file
         raise UserError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from err
 
 
-def _read_image_file(path: Path) -> np.ndarray:
-    """One image file -> uint8 H x W x C; transparency is composited onto white."""
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The PNG/JPEG files directly in `folder`, in name order."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image file -> uint8 H x W x C: C = 1 for grey, 3 for colour; transparency is composited onto white."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
-                rgba = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:
+                rgba = img.convert("RGBA")  # palette images carry their transparency into the alpha channel
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(white, rgba).convert("RGB")
-            elif img.mode not in ("L", "RGB"):
-                img = img.convert("RGB")
-            array = np.asarray(img, dtype=np.uint8)
+                array = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+            elif img.mode in GREY_MODES:
+                array = np.asarray(img.convert("L"))[..., None]
+            else:
+                array = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read image ({err})") from err
-    return array[..., None] if array.ndim == 2 else array
+    return array
+
+
+def as_rgb(array: np.ndarray) -> np.ndarray:
+    """uint8 ... x C with C = 1 or 3 -> ... x 3 (grey repeated)."""
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def common_channels(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Images read from one set: all grey stays grey; mixed grey and colour promotes the grey ones to RGB."""
+    return [as_rgb(a) for a in arrays] if any(a.shape[-1] == 3 for a in arrays) else list(arrays)
 
 
 def _read_image_folder(folder: Path) -> np.ndarray:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(folder)
     if not files:
         raise UserError(f"{folder}: no PNG/JPEG images and no {SAMPLES_FILE} in this folder")
-    arrays = [_read_image_file(p) for p in files]
+    arrays = [read_image(p) for p in files]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         raise UserError(f"{folder}: images have different sizes {sorted(sizes)}; resize them to one size first")
-    if any(a.shape[-1] == 3 for a in arrays):  # mixed grey and colour: promote grey to RGB
-        arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
-    return np.stack(arrays)
+    return np.stack(common_channels(arrays))
 
 
 def load_uint8_nhwc(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
@@ -106,18 +137,14 @@ def load_uint8_nhwc(path: str | os.PathLike, limit: int | None = None) -> np.nda
     if not path.exists():
         raise UserError(f"{path}: no such file or folder (expected an image folder, a .npz, or a run folder with {SAMPLES_FILE})")
     if path.is_dir():
-        array = _read_npz(path / SAMPLES_FILE) if (path / SAMPLES_FILE).is_file() else _read_image_folder(path)
+        array = read_npz(path / SAMPLES_FILE)[0] if (path / SAMPLES_FILE).is_file() else _read_image_folder(path)
     elif path.suffix.lower() == ".npz":
-        array = _read_npz(path)
+        array = read_npz(path)[0]
     elif path.suffix.lower() in IMAGE_SUFFIXES:
-        array = _read_image_file(path)[None]
+        array = read_image(path)[None]
     else:
         raise UserError(f"{path}: not an image folder, .npz or image file")
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3) or array.shape[0] == 0:
-        raise UserError(
-            f"{path}: expected uint8 images shaped (N, H, W, C) with C = 1 or 3, "
-            f"got dtype {array.dtype} shape {tuple(array.shape)}"
-        )
+    check_uint8_nhwc(array, path)
     if limit is not None:
         if limit < 1:
             raise UserError(f"limit must be a positive number of images, got {limit}")
@@ -133,35 +160,14 @@ def load_images(path: str | os.PathLike, limit: int | None = None) -> torch.Tens
 def save_images(images: Any, path: str | os.PathLike) -> Path:
     """Write float NCHW [-1, 1] images: `*.npz` -> one file with arr_0 (uint8 NHWC); else a folder of
     PNGs 000000.png, 000001.png, ... Written atomically (temp + rename); an existing .npz or PNG-only
-    folder is replaced.
+    folder is replaced, any other folder is refused.
     """
     array = to_uint8_nhwc(images)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".npz":
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez(tmp, arr_0=array)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path}: exists and is not a folder; choose another output path")
-    if path.is_dir() and any(p.suffix.lower() != ".png" for p in path.iterdir()):
-        raise UserError(f"{path}: folder holds files other than PNGs; refusing to replace it, choose another path")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private
-        digits = max(6, len(str(len(array) - 1)))
+        return atomic_write(path, lambda tmp: np.savez(tmp, **{NPZ_KEY: array}))
+    digits = max(6, len(str(len(array) - 1)))
+    with atomic_dir(path, own_files=lambda name: name.lower().endswith(".png"), previous="a folder of PNGs") as tmp:
         for i, image in enumerate(array):
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp_dir / f"{i:0{digits}d}.png")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp_dir, path)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / f"{i:0{digits}d}.png")
     return path

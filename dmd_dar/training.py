@@ -1,4 +1,5 @@
-"""Pieces shared by the trainers (teacher training and DMD distillation).
+"""The run plumbing shared by the trainers (teacher training and DMD distillation): determinism, optimisers,
+EMA, the CSV log, run checkpoints and resume, the non-finite guard, and `run_loop`, the one training loop.
 
 Determinism: the data order and every random draw of step s are functions of (seed, s) alone, drawn for the
 *global* batch and then sliced per process. So a resumed run continues exactly where it stopped, and a
@@ -12,15 +13,26 @@ import io
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from dmd_dar.checkpoint import atomic_dir, atomic_write_bytes, load_torch_state, read_json, save_torch_state, write_json
-from dmd_dar.errors import UserError
+from dmd_dar.checkpoint import (
+    atomic_dir,
+    atomic_write_bytes,
+    load_model_files,
+    load_torch_state,
+    read_json,
+    save_torch_state,
+    write_json,
+)
+from dmd_dar.errors import ConfigError, UserError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -32,7 +44,15 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
+
+    def __post_init__(self):
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"optim.lr={self.lr} must be in (0, 1] (AdamW; typical values 1e-6 .. 1e-3)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"optim.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay, warmup_steps and grad_clip must be >= 0")
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -42,8 +62,6 @@ def mixed_precision_value(value) -> str:
     """`mixed_precision=no` arrives as False (YAML 1.1 reads `no` as a boolean): map it back, and check."""
     value = "no" if value in (False, "False", "false", None) else str(value)
     if value not in MIXED_PRECISION:
-        from dmd_dar.errors import ConfigError
-
         raise ConfigError(f"mixed_precision={value!r} is not one of {', '.join(MIXED_PRECISION)}")
     return value
 
@@ -193,3 +211,143 @@ def global_grad_norm(params) -> float:
 
 def all_finite(*values: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in values)
+
+
+# --------------------------------------------------------------------------------- resume
+def load_module_state(module: nn.Module, folder: Path) -> None:
+    """Load a run checkpoint's weights strictly: a checkpoint of another model (another routing, size or LoRA
+    rank) is a user error naming the keys, never a silent partial load."""
+    state = load_model_files(folder).state_dict
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"checkpoint {folder} does not fit this run's model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, other shapes {shapes[:3]}): it was written with another configuration; "
+                        "use another out_dir or resume=false")
+    module.load_state_dict(state)
+
+
+@dataclass
+class Resumed:
+    step: int = 0
+    skipped_steps: int = 0
+    meta: dict[str, Any] | None = None
+
+
+def resume_run(run_dir: Path, modules: dict[str, nn.Module | None], states: dict[str, Any]) -> Resumed:
+    """Load the latest complete checkpoint of `run_dir` into `modules` (one folder each) and into the objects
+    with `load_state_dict` in `states` (optimisers, schedulers; from trainer_state.pt). Nothing to resume:
+    Resumed(step=0)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return Resumed()
+    meta, state = load_run_checkpoint(ckpt)
+    for name, module in modules.items():
+        if module is not None:
+            load_module_state(module, ckpt / name)
+    for name, obj in states.items():
+        obj.load_state_dict(state[name])
+    return Resumed(int(meta["step"]), int(meta.get("skipped_steps", 0)), meta)
+
+
+# --------------------------------------------------------------------------------- the loop
+class TrainingDiverged(UserError):
+    pass
+
+
+def guarded_update(accelerator, loss: torch.Tensor, params: Sequence[nn.Parameter], optimizer, grad_clip: float) -> tuple[bool, float]:
+    """One optimiser step, skipped on every process when the loss or the gradient is not finite anywhere.
+    Returns (stepped, gradient norm after clipping)."""
+
+    def finite_everywhere(value: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if all_finite(value) else 0.0], device=accelerator.device)
+        return bool(accelerator.gather(flag).min() > 0)
+
+    optimizer.zero_grad(set_to_none=True)
+    if not finite_everywhere(loss.detach()):
+        return False, float("nan")
+    accelerator.backward(loss)
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    norm = global_grad_norm(params)
+    if not finite_everywhere(torch.tensor(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False, norm
+    optimizer.step()
+    return True, norm
+
+
+@dataclass
+class StepResult:
+    logs: dict[str, Any]  # tensors are averaged over processes when logged
+    ok: bool = True  # False: a non-finite loss or gradient, the update was skipped
+
+
+@dataclass
+class Cadence:
+    """When the loop logs, evaluates, samples and checkpoints (every N steps, and always at the last step)."""
+
+    steps: int
+    log_every: int
+    sample_every: int
+    checkpoint_every: int
+    eval_every: int = 0  # 0: the trainer has no periodic evaluation
+
+    def due(self, done: int, every: int) -> bool:
+        return every > 0 and (done % every == 0 or done == self.steps)
+
+
+def run_loop(
+    accelerator,
+    name: str,
+    run_dir: Path,
+    cadence: Cadence,
+    train_step: Callable[[int], StepResult],
+    save_checkpoint: Callable[[int, int], None],
+    resumed: Resumed,
+    max_bad_steps: int,
+    ema: EMA | None = None,
+    model: nn.Module | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    sample: Callable[[int], None] | None = None,
+    progress: Sequence[str] = ("loss",),
+    log_prefix: str = "",
+) -> tuple[int, float]:
+    """The one training loop of both trainers: progress bar, the non-finite guard (skip, count, stop after
+    `max_bad_steps` in a row keeping the last good checkpoint), EMA of `model`, and the log / evaluate /
+    sample / checkpoint cadence. `train_step(step)` does the work of one step. Evaluation and samples run
+    on the main process; checkpoints on every process (the state dicts are gathered collectively).
+    Returns (skipped steps, seconds)."""
+    main = accelerator.is_main_process
+    logger = CSVLogger(run_dir / "log.csv", resume_step=resumed.step) if main else None
+    skipped, bad_in_a_row, t0 = resumed.skipped_steps, 0, time.time()
+    bar = tqdm(range(resumed.step, cadence.steps), initial=resumed.step, total=cadence.steps, desc=name, disable=not main)
+    for step in bar:
+        result = train_step(step)
+        if not result.ok:
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopped. Last good checkpoint: "
+                    f"{latest_checkpoint(run_dir) or 'none'}. Lower the learning rates or check the data / teacher")
+            continue
+        bad_in_a_row = 0
+        if ema is not None:
+            ema.update(model)
+        done, logs = step + 1, result.logs
+        if main and evaluate is not None and cadence.due(done, cadence.eval_every):
+            logs.update(evaluate(done))
+        if cadence.due(done, cadence.log_every):
+            values = {k: float(accelerator.reduce(v.detach().clone(), "mean")) if torch.is_tensor(v) else v for k, v in logs.items()}
+            values.update(skipped_steps=skipped, elapsed_s=round(time.time() - t0, 2))
+            accelerator.log({f"{log_prefix}{k}": v for k, v in values.items()}, step=done)
+            if logger:
+                logger.log(done, values)
+            bar.set_postfix({k: f"{values[k]:.4g}" for k in progress if k in values})
+        if main and sample is not None and cadence.due(done, cadence.sample_every):
+            sample(done)
+        if cadence.due(done, cadence.checkpoint_every):
+            save_checkpoint(done, skipped)
+    return skipped, time.time() - t0

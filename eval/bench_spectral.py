@@ -13,16 +13,13 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from dmd_dar.errors import UserError, cli_main  # noqa: E402
-from dmd_dar.spectral import compare_spectra, spectral_statistics  # noqa: E402
+from dmd_dar.errors import UserError, cli_main
+from dmd_dar.spectral import compare_spectra, spectral_statistics
 
 TARGETS = {32: 5000, 256: 200}
 

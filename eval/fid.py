@@ -6,22 +6,19 @@
 --real: a dataset name (mnist, twemoji32; --real-split picks train/heldout/all) or an image set;
 --fake: an image set. Image sets: a folder of PNGs, an .npz with arr_0 (uint8 NHWC), or a sampling run's
 folder holding samples.npz. By default as many real images as fake ones are used (a seeded random subset
-of a named dataset, the first ones of a file set); --n caps both. The work is done by dmd_dar.fid.
+of a named dataset, the first ones of a file set); --n caps both. The work is done by dmd_dar.metrics.fid.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from dmd_dar.data import DATASET_NAMES, load_dataset  # noqa: E402
-from dmd_dar.errors import ArgumentParser, UserError, cli_main  # noqa: E402
-from dmd_dar.fid import compute_fid, compute_fid_from_features, extract_features, load_inception  # noqa: E402
-from dmd_dar.image_io import load_images  # noqa: E402
+from dmd_dar.data import DATASET_NAMES, load_dataset
+from dmd_dar.errors import ArgumentParser, UserError, cli_main
+from dmd_dar.image_io import load_images
+from dmd_dar.metrics.fid import compute_fid, compute_fid_from_features, extract_features, load_inception
 
 
 def build_parser() -> argparse.ArgumentParser:

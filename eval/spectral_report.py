@@ -6,20 +6,18 @@
 
 Image sets: a folder of PNGs, an .npz with arr_0 (uint8 NHWC), or a sampling run's folder holding
 samples.npz. Writes metrics.json, report.md and a self-contained report.html (see docs/spectral.md).
-The work is done by dmd_dar.spectral_report.write_report; this file only parses arguments and loads files.
+The work is done by dmd_dar.spectral.report.write_report; this file only parses arguments and loads files.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from dmd_dar.errors import ArgumentParser, UserError, cli_main  # noqa: E402
-from dmd_dar.image_io import load_images  # noqa: E402
-from dmd_dar.spectral import DEFAULT_CUTOFFS, DEFAULT_WINDOW, WINDOWS, CHANNEL_MODES  # noqa: E402
-from dmd_dar.spectral_report import HEADLINE_CUTOFF, write_report  # noqa: E402
+from dmd_dar.checkpoint import check_replaceable
+from dmd_dar.errors import ArgumentParser, UserError, cli_main
+from dmd_dar.image_io import load_images
+from dmd_dar.spectral import CHANNEL_MODES, DEFAULT_CUTOFFS, DEFAULT_WINDOW, WINDOWS
+from dmd_dar.spectral.report import HEADLINE_CUTOFF, OUTPUT_FILES, PREVIOUS_OUTPUT, write_report
 
 
 def _parse_candidate(text: str) -> tuple[str, str]:
@@ -62,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     names = [args.reference_name] + [name for name, _ in candidates]
     if len(set(names)) != len(names):
         raise UserError(f"set names must be unique, got {names}")
+    try:
+        check_replaceable(args.out, OUTPUT_FILES, PREVIOUS_OUTPUT)  # before loading and measuring
+    except UserError as err:
+        raise UserError(f"--out: {err}") from None
     reference = load_images(args.reference, args.limit)
     images = {name: load_images(path, args.limit) for name, path in candidates}
     sources = {args.reference_name: args.reference, **dict(candidates)}

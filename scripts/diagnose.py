@@ -9,31 +9,35 @@ depth_curves.png, maps.png (maps_compare.png) and probe.png. See docs/diagnostic
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-import dmd_dar.diagnostics
-from dmd_dar.checkpoint import atomic_dir, write_json
-from dmd_dar.diagnostics import DEFAULT_T_POINTS, diagnose
-from dmd_dar.errors import UserError, cli_main
+from dmd_dar.checkpoint import atomic_dir, check_replaceable, write_json
+from dmd_dar.dmd.family import BUNDLED_TEACHER, resolve_dit_teacher
+from dmd_dar.errors import ArgumentParser, UserError, cli_main
+from dmd_dar.metrics.diagnostics import DEFAULT_T_POINTS, diagnose
 from dmd_dar.models import DiT
 
-BUNDLED_TEACHER = Path(dmd_dar.diagnostics.__file__).parent / "assets" / "teacher"
+OUTPUT_FILES = frozenset({"diagnostics.json", "diagnostics_compare.json", "heatmaps.png", "depth_curves.png", "maps.png",
+                          "maps_compare.png", "probe.png"})
+PREVIOUS_OUTPUT = "a previous diagnosis"
 CURVE_TIMES = (0.2, 0.5, 0.8)  # depth curves are drawn at the grid points nearest to these t
 MAX_MAPS = 4  # routing / importance maps drawn per model (the JSON keeps every chosen sublayer)
 
 
-def resolve_checkpoint(name: str) -> Path:
-    if name == "bundled":
-        if not (BUNDLED_TEACHER / "config.json").is_file():
-            raise UserError(f"the bundled teacher is not in {BUNDLED_TEACHER}: train it with scripts/train_teacher.py "
-                            "or pass --checkpoint DIR")
-        return BUNDLED_TEACHER
-    return Path(name)
+def resolve_checkpoint(name: str, flag: str) -> Path:
+    """A DiT folder or 'bundled' (the teacher shipped in dmd_dar/assets), found as the trainer finds its teacher."""
+    try:
+        return resolve_dit_teacher(name)
+    except UserError:
+        if name == "bundled":
+            raise UserError(f"{flag} bundled: the bundled teacher is not in {BUNDLED_TEACHER}; train it with "
+                            f"scripts/train_teacher.py or pass {flag} DIR") from None
+        raise UserError(f"{flag} {name}: no model.safetensors there; pass a DiT folder (config.json + "
+                        "model.safetensors, e.g. from scripts/train_teacher.py) or 'bundled'") from None
 
 
 def load_images(dataset: str, model: DiT, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,10 +46,7 @@ def load_images(dataset: str, model: DiT, count: int, seed: int) -> tuple[torch.
     if dataset == "gaussian":
         noise = torch.randn(count, *shape, generator=torch.Generator().manual_seed(seed + 1))
         return noise.clamp(-1, 1), None
-    try:
-        from dmd_dar.data import load_dataset
-    except ImportError:
-        raise UserError("dmd_dar.data is not available in this checkout; use --dataset gaussian for a smoke test") from None
+    from dmd_dar.data import load_dataset  # here: the gaussian smoke test needs no image libraries
     data = load_dataset(dataset, split="heldout", image_size=model.input_size)
     images, labels = data.images, data.labels
     if tuple(images.shape[1:]) != shape:
@@ -200,9 +201,9 @@ def plot_probe(results, path):
 # ------------------------------------------------------------------------------------------ main
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="DiT folder (config.json + model.safetensors) or 'bundled'")
-    parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--out", required=True, help="output folder (written atomically; replaces only a previous diagnosis)")
     parser.add_argument("--compare", help="a second DiT folder (or 'bundled') overlaid in the depth curves")
     parser.add_argument("--n", type=int, default=64, help="(image, noise) pairs, each used at every t")
     parser.add_argument("--t-grid", type=int, default=DEFAULT_T_POINTS, help="number of t values in [0, 1]")
@@ -220,10 +221,16 @@ def main(argv: list[str] | None = None) -> None:
 
     matplotlib.use("Agg")
     device = torch.device(args.device)
-    folders = [resolve_checkpoint(args.checkpoint)] + ([resolve_checkpoint(args.compare)] if args.compare else [])
+    try:
+        check_replaceable(args.out, OUTPUT_FILES, PREVIOUS_OUTPUT)  # before the (slow) diagnosis
+    except UserError as err:
+        raise UserError(f"--out: {err}") from None
+    folders = [resolve_checkpoint(args.checkpoint, "--checkpoint")]
+    if args.compare:
+        folders.append(resolve_checkpoint(args.compare, "--compare"))
     results = [run_one(folder, args, device) for folder in folders]
 
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, OUTPUT_FILES, PREVIOUS_OUTPUT) as tmp:
         write_json(tmp / "diagnostics.json", results[0])
         if len(results) == 2:
             write_json(tmp / "diagnostics_compare.json", results[1])

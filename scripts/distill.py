@@ -6,7 +6,8 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 scripts/distill.py --config configs/default.yaml
 """
 from dmd_dar.config import parse_config_args
-from dmd_dar.distill import DistillConfig, run_distillation
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.dmd.trainer import run_distillation
 from dmd_dar.errors import cli_main
 
 

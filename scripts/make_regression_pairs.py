@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dmd_dar.config import load_config
-from dmd_dar.distill import DistillConfig
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.dmd.family import make_family
+from dmd_dar.dmd.regression import make_pairs
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
-from dmd_dar.families import make_family
-from dmd_dar.regression import make_pairs
 
 
 @cli_main
@@ -33,13 +33,13 @@ def main() -> None:
         raise UserError(f"--n={args.n} and --batch={args.batch} must both be >= 1")
     cfg = load_config(args.config, args.overrides, DistillConfig)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    family = make_family(cfg.family, cfg.teacher, device, cfg.t2i)
+    family = make_family(cfg.backbone, cfg.teacher, device, cfg.t2i)
 
     t0 = time.time()
     with tqdm(total=args.n, desc="teacher ODE", unit="pair") as bar:
         pairs = make_pairs(family, args.n, args.seed, cfg.eval.teacher_sampler, cfg.eval.teacher_steps,
                            cfg.dm.guidance_scale, batch=args.batch, progress=lambda done: bar.update(done - bar.n))
-    pairs.meta.update(teacher=cfg.teacher, family=cfg.family)
+    pairs.meta.update(teacher=cfg.teacher, backbone=cfg.backbone)
     pairs.save(args.out)
     print(f"wrote {len(pairs)} pairs of shape {list(pairs.sample_shape)} to {args.out} "
           f"({cfg.eval.teacher_sampler}, {cfg.eval.teacher_steps} steps, guidance {cfg.dm.guidance_scale}; "

@@ -8,14 +8,21 @@ DiT folders (teacher or student; "bundled" = the bundled teacher):
 Exported diffusers students (folders written by save_dar_pretrained, e.g. runs/dmd_sd3/dar/student):
     python scripts/sample.py runs/dmd_sd3/dar/student --student-steps 4 --prompts prompts.txt \
         --embeddings runs/prompt_cache/sd3.safetensors --vae /path/to/sd3-pipeline --out samples/sd3
-  Prompt embeddings come from --embeddings (a cache from dmd_dar.text, e.g. the one the distillation wrote);
+  Prompt embeddings come from --embeddings (a cache from dmd_dar.t2i, e.g. the one the distillation wrote);
   prompts not in it are encoded with --text-encoder PIPELINE_FOLDER, whose text encoders must be on local disk
   offline. Without --vae the grid shows the latent preview (first 3 latent channels / 3).
 Without --student-steps / --timesteps the model is sampled with a multi-step sampler (--sampler, --steps, --cfg-scale).
 Image i uses seed + i (independent of --n and --batch-size; the sde sampler's noise is per batch).
 """
 
-from dmd_dar.errors import ArgumentParser, cli_main
+from dmd_dar.errors import ArgumentParser, UserError, cli_main
+
+# The library names the parameter it could not use (SamplingArgumentError.argument); these are its flags here.
+FLAGS = {"prompts": "--prompt / --prompts"}
+
+
+def flag(argument: str) -> str:
+    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
 
 
 def parse_args():
@@ -28,12 +35,14 @@ def parse_args():
     p.add_argument("--steps", type=int, default=25, help="multi-step sampler steps")
     p.add_argument("--shift", type=float, default=1.0, help="SD3-style time shift of the multi-step schedule")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
-    p.add_argument("--student-steps", type=int, default=None, help="few-step student: K uniform steps from t=1")
-    p.add_argument("--timesteps", default=None, help="few-step student: explicit times, e.g. 1.0,0.5")
+    few_step = p.add_mutually_exclusive_group()
+    few_step.add_argument("--student-steps", type=int, default=None, help="few-step student: K uniform steps from t=1")
+    few_step.add_argument("--timesteps", default=None, help="few-step student: explicit times, e.g. 1.0,0.5")
     p.add_argument("--labels", default=None, help="DiT class labels: 0,1,2 or all (default: all)")
-    p.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help="prompts file, one per line")
-    p.add_argument("--embeddings", default=None, help="prompt-embedding cache (.safetensors, dmd_dar.text)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
+    prompts.add_argument("--prompts", default=None, help="prompts file, one per line")
+    p.add_argument("--embeddings", default=None, help="prompt-embedding cache (.safetensors, dmd_dar.t2i)")
     p.add_argument("--text-encoder", default=None, help="pipeline folder (or hub id) with the text encoders")
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--vae", default=None, help="VAE: pipeline folder / vae folder / hub id ('tiny': random, tests)")
@@ -47,29 +56,36 @@ def parse_args():
     return p.parse_args()
 
 
-@cli_main
-def main() -> None:
-    args = parse_args()
-    from dmd_dar.errors import UserError
-    from dmd_dar.sampling import load_sampler_model, parse_timesteps, sample_checkpoint, write_samples
-    from dmd_dar.text import read_prompts
+def sample(args) -> None:
+    from dmd_dar.sampling import check_output_folder, load_sampler_model, parse_timesteps, sample_checkpoint, write_samples
+    from dmd_dar.t2i import read_prompts
 
+    try:
+        check_output_folder(args.out)  # before any work
+    except UserError as err:
+        raise UserError(f"--out: {err}") from None
     timesteps = parse_timesteps(args.timesteps, args.student_steps)
-    if args.prompt and args.prompts:
-        raise UserError("give --prompt or --prompts, not both")
     prompts = args.prompt or (read_prompts(args.prompts) if args.prompts else None)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
     loaded = load_sampler_model(args.model, args.device, args.dtype)
-    if loaded.kind == "dit" and (prompts or args.embeddings):
-        raise UserError(f"{args.model} is a class-conditional DiT: use --labels, not prompts")
     samples = sample_checkpoint(
         loaded, n=args.n, labels=args.labels, prompts=prompts, embeddings=args.embeddings, text_encoder=args.text_encoder,
         vae=args.vae, resolution=args.resolution, vae_scale_factor=args.vae_scale_factor, seed=args.seed,
         sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, timesteps=timesteps, shift=args.shift,
-        guidance=args.guidance, batch_size=args.batch_size, dtype=args.dtype, max_sequence_length=args.max_sequence_length)
+        guidance=args.guidance, batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
     out = write_samples(samples, args.out, args.nrow)
     print(f"wrote {len(samples.images)} images to {out}/ (grid.png, samples.npz)")
+
+
+@cli_main
+def main() -> None:
+    args = parse_args()
+    from dmd_dar.sampling import SamplingArgumentError
+
+    try:
+        sample(args)
+    except SamplingArgumentError as err:  # the library's parameter -> our flag
+        where = f"{flag(err.argument)}:" if err.value is None else f"{flag(err.argument)} {err.value}"
+        raise UserError(f"{where} {err.problem}") from None
 
 
 if __name__ == "__main__":

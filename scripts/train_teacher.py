@@ -6,7 +6,7 @@
 """
 from dmd_dar.config import parse_config_args
 from dmd_dar.errors import cli_main
-from dmd_dar.teacher_training import TeacherTrainConfig, train_teacher
+from dmd_dar.teacher.training import TeacherTrainConfig, train_teacher
 
 
 @cli_main

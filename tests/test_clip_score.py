@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
-from dmd_dar.clip_score import CLIPScorer  # noqa: E402
 from dmd_dar.errors import UserError  # noqa: E402
+from dmd_dar.metrics.clip_score import CLIPScorer  # noqa: E402
 
 IMAGE_SIZE = 64  # ViT-B-32 at 64x64: 4 patches, the real architecture at a fraction of the cost
 PROMPTS = ["a red square", "a photo of a cat", "a blurry digit", "an emoji", "a dog on grass", "zebra"]

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from dmd_dar.config import load_config
-from dmd_dar.distill import DistillConfig
-from dmd_dar.teacher_training import TeacherTrainConfig
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.teacher.training import TeacherTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TEACHER_CONFIGS = ["teacher_mnist.yaml", "teacher_tiny.yaml"]

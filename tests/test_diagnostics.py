@@ -1,4 +1,4 @@
-"""Cross-layer diagnostics (dmd_dar/diagnostics.py, scripts/diagnose.py): known answers and invariants.
+"""Cross-layer diagnostics (dmd_dar/metrics/diagnostics.py, scripts/diagnose.py): known answers and invariants.
 
 Known answers come from a network whose sublayers output constants (every block state is the embedding plus
 a known sum, and every residual state has the gradient of the head input); gradients are checked against
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmd_dar import diagnostics as D
+from dmd_dar.metrics import diagnostics as D
 from dmd_dar.models import DiT
 from dmd_dar.routing import DepthRouter, RoutingConfig
 
@@ -357,3 +357,16 @@ def test_script_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys, checkpoi
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_script_refuses_a_foreign_out_folder_before_any_work(tmp_path, capsys):
+    tiny_dit("residual", dtype=torch.float32).save_pretrained(tmp_path / "model")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        _script().main(["--checkpoint", str(tmp_path / "model"), "--out", str(out), "--dataset", "gaussian"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "\n" not in err and "notes.txt" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -13,7 +13,6 @@ from dmd_dar.models.diffusers_dar import (  # noqa: E402
     SUPPORTED_CLASSES,
     convert_to_dar,
     load_dar_pretrained,
-    router_parameters,
     save_dar_pretrained,
 )
 from dmd_dar.routing import RoutingConfig  # noqa: E402
@@ -74,6 +73,11 @@ EXPECTED_SUBLAYERS = {  # (image, text) sublayers of the tiny configs above
     "FluxTransformer2DModel": (4, 4),  # double: attn, ff; 2 single blocks: 1 each | text likewise
     "QwenImageTransformer2DModel": (4, 4),
 }
+
+
+def router_parameters(model):
+    """The image router's parameters, and the text router's where it routes."""
+    return [p for name, p in model.named_parameters() if name.startswith(("router.", "text_router."))]
 
 
 def rel_err(a, b):

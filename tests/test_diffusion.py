@@ -30,9 +30,7 @@ def _randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-# ------------------------------------------------------------------------------------------------
-# Conversions
-# ------------------------------------------------------------------------------------------------
+# ------ Conversions --------------------------------------------------------------------------------
 
 
 def test_interpolant_endpoints_and_broadcast():
@@ -106,9 +104,7 @@ def test_vp_timestep_from_alpha_bar_inverts_discrete_schedule():
     assert ends.tolist() == [0.0, 999.0]
 
 
-# ------------------------------------------------------------------------------------------------
-# Denoisers and CFG
-# ------------------------------------------------------------------------------------------------
+# ------ Denoisers and CFG --------------------------------------------------------------------------
 
 
 class _ExactVelocityModel(torch.nn.Module):
@@ -201,9 +197,7 @@ def test_concat_cond_handles_dicts_embeddings_and_null_expansion():
         D.concat_cond(cond, {"emb": null["emb"]})
 
 
-# ------------------------------------------------------------------------------------------------
-# Schedules
-# ------------------------------------------------------------------------------------------------
+# ------ Schedules ----------------------------------------------------------------------------------
 
 
 def test_time_schedule_endpoints_monotone_and_shift():
@@ -239,9 +233,7 @@ def test_sample_t_kinds_ranges_and_determinism():
         D.sample_t(4, "cosine")
 
 
-# ------------------------------------------------------------------------------------------------
-# Samplers on Gaussian data
-# ------------------------------------------------------------------------------------------------
+# ------ Samplers on Gaussian data ------------------------------------------------------------------
 
 
 def _affine_map(sampler, steps):
@@ -339,3 +331,13 @@ def test_few_step_sample_times_and_renoising():
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match="decreasing"):
         D.few_step_sample(gaussian_denoiser, noise, None, [0.5, 1.0])
+
+
+def test_shifted_times_stay_inside_the_configured_range_and_move_towards_noise():
+    """The shift acts on [0, 1] before the affine map, so t_min/t_max bound the draws whatever the shift."""
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    plain = D.sample_t(20000, kind="shifted", generator=g(), t_min=0.02, t_max=0.98, shift=1.0)
+    shifted = D.sample_t(20000, kind="shifted", generator=g(), t_min=0.02, t_max=0.98, shift=3.0)
+    assert 0.02 <= float(shifted.min()) and float(shifted.max()) <= 0.98
+    assert float(shifted.mean()) > float(plain.mean()) + 0.1  # density moved towards t_max (noise)
+    torch.testing.assert_close(plain, D.sample_t(20000, kind="uniform", generator=g(), t_min=0.02, t_max=0.98))

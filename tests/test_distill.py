@@ -11,8 +11,10 @@ import yaml
 
 from dmd_dar.checkpoint import load_model_files
 from dmd_dar.config import load_config
-from dmd_dar.distill import DistillConfig, TrainingDiverged, run_distillation
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.dmd.trainer import run_distillation
 from dmd_dar.models import DiT
+from dmd_dar.training import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,18 +99,18 @@ def test_both_arms_share_seeds_and_end_in_one_report(tmp_path):
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import dmd_dar.distill as distill
+    import dmd_dar.dmd.losses as losses
 
     teacher = tiny_teacher(tmp_path / "teacher")
     cfg = load_config(tiny_config(tmp_path, teacher), ["steps=10", "max_bad_steps=2", "eval.report_samples=0"], DistillConfig)
-    real_loss, calls = distill.distribution_matching_loss, {"n": 0}
+    real_loss, calls = losses.distribution_matching_loss, {"n": 0}
 
     def poisoned(x, real, fake):
         calls["n"] += 1
         loss = real_loss(x, real, fake)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr(distill, "distribution_matching_loss", poisoned)
+    monkeypatch.setattr(losses, "distribution_matching_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row"):
         run_distillation(cfg)
     ckpts = sorted((Path(cfg.out_dir) / "dar" / "checkpoints").iterdir())

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from dmd_dar.diffusion import interpolate, x0_from_velocity
-from dmd_dar.dmd import distribution_matching_loss, generate, noised_dm_loss
+from dmd_dar.diffusion import few_step_sample, interpolate, x0_from_velocity
+from dmd_dar.dmd import distribution_matching_loss, noised_dm_loss
 
 
 # ----------------------------------------------------------------------------- the loss contract
@@ -27,7 +27,7 @@ def test_dm_loss_is_zero_when_fake_equals_real_and_finite_at_zero_distance():
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
-def test_generate_backward_simulation_only_last_step_has_gradient():
+def test_few_step_backward_simulation_only_the_train_step_has_gradient():
     w = torch.tensor(0.5, requires_grad=True)
     calls = []
 
@@ -37,14 +37,14 @@ def test_generate_backward_simulation_only_last_step_has_gradient():
 
     noise = torch.ones(2, 3)
     renoise = torch.zeros(3, 2, 3)
-    out = generate(student, noise, None, [1.0, 0.75, 0.5, 0.25], train_step=2, renoise=renoise)
+    out = few_step_sample(student, noise, None, [1.0, 0.75, 0.5, 0.25], train_step=2, renoise=renoise)
     assert calls == [False, False, True] and out.requires_grad
     # the chain: x0 = w x; renoised to t = 0.75 with zero noise: x = 0.25 x0; to t = 0.5: x = 0.5 x0
     expected = 0.5 * (0.5 * (0.5 * (0.25 * (0.5 * 1.0))))
     torch.testing.assert_close(out, torch.full((2, 3), expected))
     calls.clear()
     with torch.no_grad():
-        generate(student, noise, None, [1.0, 0.5], renoise=renoise[:1])
+        few_step_sample(student, noise, None, [1.0, 0.5], renoise=renoise[:1])
     assert calls == [False, False]
 
 

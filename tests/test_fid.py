@@ -1,4 +1,4 @@
-"""FID (dmd_dar/fid.py, eval/fid.py): the Frechet distance maths, the Inception wrapper, torchmetrics
+"""FID (dmd_dar/metrics/fid.py, eval/fid.py): the Frechet distance maths, the Inception wrapper, torchmetrics
 parity, the CLI, and one-line errors. The real Inception costs ~0.13 s per image on 2 free cores, so
 the tests that run it use a handful of images; the end-to-end torchmetrics run (a 2048 x 2048
 non-symmetric eigen-decomposition) is marked slow.
@@ -16,9 +16,9 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from dmd_dar import fid as FID
 from dmd_dar.errors import UserError
 from dmd_dar.image_io import save_images
+from dmd_dar.metrics import fid as FID
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "eval" / "fid.py"
@@ -44,9 +44,7 @@ def structured_images(n: int, seed: int, channels: int = 3, size: int = 32) -> t
     return torch.tanh(1.5 * F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False))
 
 
-# ------------------------------------------------------------------------------------------------
-# The Frechet distance itself
-# ------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------- The Frechet distance itself
 
 
 def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,9 +104,7 @@ def test_compute_fid_rejects_bad_images():
         FID.compute_fid(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), structured_images(4, 1), feature=feature)
 
 
-# ------------------------------------------------------------------------------------------------
-# The Inception wrapper
-# ------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- The Inception wrapper
 
 
 def test_tf1_bilinear_resize_known_values():
@@ -155,9 +151,7 @@ def test_compute_fid_end_to_end_with_inception_and_torchmetrics(inception):
     assert FID.compute_fid(real, shifted, feature=inception) > 10.0
 
 
-# ------------------------------------------------------------------------------------------------
-# Weights and errors
-# ------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------- Weights and errors
 
 
 def test_missing_weights_path_is_user_error(tmp_path):

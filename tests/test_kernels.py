@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dmd_dar.errors import UserError
-from dmd_dar.kernels import aggregate, aggregate_reference, routing_logits, routing_weights, triton_available
+from dmd_dar.routing.kernels import aggregate, aggregate_reference, routing_logits, routing_weights, triton_available
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_SCRIPT = REPO / "eval" / "bench" / "kernel_parity.py"
@@ -120,7 +120,7 @@ def test_dispatcher_list_and_stack_agree_on_cpu():
 
 @pytest.mark.parametrize("kind", ["static", "static_t", "dynamic"])
 def test_unstacked_reference_matches_stacked_with_gradients(kind):
-    from dmd_dar.kernels import aggregate_sources
+    from dmd_dar.routing.kernels import aggregate_sources
 
     values, query, key_weight = _inputs(kind, 5, dtype=torch.float64)
     leaves = [v.clone().requires_grad_() for v in values] + [query.clone().requires_grad_(), key_weight.clone().requires_grad_()]
@@ -141,7 +141,7 @@ def test_dispatcher_rejects_unknown_backend():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
-    from dmd_dar.kernels import triton_aggregate
+    from dmd_dar.routing.kernels import triton_aggregate
 
     if triton_aggregate.interpreting():
         pytest.skip("this process runs Triton's interpreter (TRITON_INTERPRET=1 was set at import)")
@@ -202,7 +202,7 @@ def test_cuda_fused_matches_reference():
 
 @needs_cuda
 def test_cuda_auto_backend_uses_the_fused_kernel():
-    from dmd_dar.kernels.triton_aggregate import aggregate_triton
+    from dmd_dar.routing.kernels.triton_aggregate import aggregate_triton
 
     values, query, key_weight = _inputs("dynamic", 5, B=2, T=64, D=256, dtype=torch.float32)
     values = [v.cuda().to(torch.bfloat16) for v in values]

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dmd_dar.distill import RegressionConfig
+from dmd_dar.checkpoint import OFFLINE_VARIABLES
+from dmd_dar.dmd.config import RegressionConfig
+from dmd_dar.dmd.family import DiTFamily
+from dmd_dar.dmd.lpips_loss import LPIPSLoss, backbone_weights_file, load_lpips
+from dmd_dar.dmd.regression import RegressionLoss, RegressionPairs, make_pairs
 from dmd_dar.errors import UserError
-from dmd_dar.families import DiTFamily
-from dmd_dar.lpips_loss import LPIPSLoss, backbone_weights_file, load_lpips
 from dmd_dar.models import DiT
-from dmd_dar.regression import RegressionLoss, RegressionPairs, make_pairs
 from dmd_dar.routing import RoutingConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +122,8 @@ def test_missing_backbone_weights_offline_is_one_clear_line(tmp_path, monkeypatc
 
 def test_failed_backbone_download_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for variable in OFFLINE_VARIABLES:  # online: conftest switches the hub offline for every other test
+        monkeypatch.delenv(variable, raising=False)
 
     def no_network(url, *args, **kwargs):
         raise urllib.error.URLError("no route to host")
@@ -259,7 +261,7 @@ def test_script_writes_the_pairs_and_fails_on_a_missing_teacher_with_one_line(te
     assert done.returncode == 0, done.stderr
     made = RegressionPairs.load(out)
     torch.testing.assert_close(made.samples, pairs.samples, rtol=1e-5, atol=1e-5)
-    assert made.meta["teacher"] == str(teacher_folder) and made.meta["steps"] == 4 and made.meta["family"] == "dit"
+    assert made.meta["teacher"] == str(teacher_folder) and made.meta["steps"] == 4 and made.meta["backbone"] == "dit"
 
     missing = tmp_path / "missing.npz"
     failed = run_script("--config", str(config), f"teacher={tmp_path / 'nowhere'}", "--n", "2", "--out", str(missing))

@@ -124,9 +124,7 @@ def test_bad_input_is_one_line_and_exit_2(dit_folders, tmp_path):
 def test_exported_diffusers_student_samples_from_cached_prompt_embeddings(tmp_path):
     pytest.importorskip("diffusers")
     from dmd_dar.models.diffusers_dar import convert_to_dar, save_dar_pretrained
-    from dmd_dar.t2i import build_tiny_transformer, latent_preview, tiny_prompt_encoder
-    from dmd_dar.teachers import DiffusersDenoiser
-    from dmd_dar.text import save_prompt_cache
+    from dmd_dar.t2i import DiffusersDenoiser, build_tiny_transformer, latent_preview, save_prompt_cache, tiny_prompt_encoder
 
     model = convert_to_dar(build_tiny_transformer("SD3Transformer2DModel"), RoutingConfig(mode="dar"))
     save_dar_pretrained(model, tmp_path / "student")

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dmd_dar.spectral_report as spectral_report
+import dmd_dar.spectral.report as spectral_report
 from dmd_dar.errors import UserError
 from dmd_dar.image_io import from_uint8_nhwc, load_images, save_images
-from dmd_dar.spectral_report import write_report
+from dmd_dar.spectral.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "eval" / "spectral_report.py"
@@ -114,6 +114,23 @@ def test_bad_input_exits_2_with_one_line_and_no_output(image_sets, tmp_path, arg
     assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left behind either
+
+
+def test_cli_refuses_a_foreign_out_folder_naming_the_flag(image_sets, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    spec = importlib.util.spec_from_file_location("spectral_report_cli", CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--reference", str(image_sets / "real.npz"), "--candidate", f"c={image_sets / 'run'}",
+                  "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "not a previous report" in err and "notes.txt" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_cli_subprocess_bad_input(image_sets, tmp_path):

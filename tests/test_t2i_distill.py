@@ -13,12 +13,12 @@ pytest.importorskip("peft")
 
 from dmd_dar.checkpoint import load_model_files  # noqa: E402
 from dmd_dar.config import load_config  # noqa: E402
-from dmd_dar.distill import DistillConfig, run_distillation  # noqa: E402
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.dmd.trainer import run_distillation  # noqa: E402
 from dmd_dar.errors import UserError  # noqa: E402
 from dmd_dar.models.diffusers_dar import load_dar_pretrained  # noqa: E402
 from dmd_dar.routing import RoutingConfig  # noqa: E402
-from dmd_dar.t2i import DiffusersFamily, T2IConfig, latent_preview  # noqa: E402
-from dmd_dar.teachers import DiffusersDenoiser  # noqa: E402
+from dmd_dar.t2i import DiffusersDenoiser, DiffusersFamily, T2IConfig, latent_preview  # noqa: E402
 from dmd_dar.training import latest_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def tiny_overrides(tmp: Path, vae: str) -> list[str]:
 def test_recipe_runs_end_to_end_on_a_tiny_model_and_exports_a_loadable_student(tmp_path, recipe, vae):
     report = ["eval.report_samples=2"] if recipe == "dmd_qwen_image.yaml" else []  # the spectral report once, tiny
     cfg = load_config(REPO / "configs" / recipe, tiny_overrides(tmp_path, vae) + report, DistillConfig)
-    assert cfg.family == "diffusers" and cfg.student.lora_rank == 64 and len(cfg.student.timesteps) == 4
+    assert cfg.backbone == "diffusers" and cfg.student.lora_rank == 64 and len(cfg.student.timesteps) == 4
     summary = run_distillation(cfg)
     arm = cfg.student.routing.mode
     folder = Path(summary["arms"][arm]["student"])
@@ -88,22 +88,22 @@ def families(tmp_path_factory):
     return out
 
 
-def loss_minimiser(family, model, x0, noise, t, cond, kind):
+def loss_minimiser(family, model, x0, noise, t, cond, prediction):
     """The model output that makes the denoising loss zero, read off the loss's gradient (MSE: grad = 2 (P - target) / N)."""
     p = torch.zeros_like(x0, requires_grad=True)
     real = DiffusersDenoiser.model_output
     DiffusersDenoiser.model_output = lambda self, *a: p
     try:
-        family.cfg.prediction = kind
+        family.cfg.prediction = prediction
         family.denoising_loss(model, x0, noise, t, cond).backward()
     finally:
         DiffusersDenoiser.model_output = real
     return (-p.grad * p.numel() / 2).detach()
 
 
-@pytest.mark.parametrize("cls,kind", [("SD3Transformer2DModel", "flow"), ("PixArtTransformer2DModel", "vp_eps"),
+@pytest.mark.parametrize("cls,prediction", [("SD3Transformer2DModel", "flow"), ("PixArtTransformer2DModel", "vp_eps"),
                                       ("PixArtTransformer2DModel", "vp_v")])
-def test_denoising_loss_is_the_teachers_objective_in_its_own_parameterisation(families, monkeypatch, cls, kind):
+def test_denoising_loss_is_the_teachers_objective_in_its_own_parameterisation(families, monkeypatch, cls, prediction):
     """The output that minimises the loss is exactly the one the x0 adapter turns into the true x0."""
     family = families[cls]
     g = torch.Generator().manual_seed(1)
@@ -112,7 +112,7 @@ def test_denoising_loss_is_the_teachers_objective_in_its_own_parameterisation(fa
     cond = family.conditions(torch.tensor([0, 1]))
     model = family.teacher()
     try:
-        target = loss_minimiser(family, model, x0, noise, t, cond, kind)
+        target = loss_minimiser(family, model, x0, noise, t, cond, prediction)
         monkeypatch.setattr(DiffusersDenoiser, "model_output", lambda self, *a: target)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         torch.testing.assert_close(family.denoiser(model)(x_t, t, cond), x0, rtol=1e-4, atol=1e-4)
@@ -171,8 +171,7 @@ def test_family_shapes_conditions_and_user_errors(families, tmp_path):
 def test_real_loading_path_local_folder_offline_errors_and_precomputed_cache(tmp_path):
     """Not tiny: the teacher comes from a local diffusers folder; text encoders that are not there (a model folder is
     no pipeline root, a hub id offline) are one UserError line; a precomputed cache needs no text encoder."""
-    from dmd_dar.t2i import build_tiny_transformer, tiny_prompt_encoder
-    from dmd_dar.text import save_prompt_cache
+    from dmd_dar.t2i import build_tiny_transformer, save_prompt_cache, tiny_prompt_encoder
 
     model = build_tiny_transformer("SD3Transformer2DModel")
     model.save_pretrained(tmp_path / "sd3" / "transformer")  # a pipeline-root layout without text encoders

@@ -11,8 +11,8 @@ import yaml
 from dmd_dar.checkpoint import load_model_files
 from dmd_dar.config import load_config
 from dmd_dar.errors import UserError
-from dmd_dar.repa import repa_loss
-from dmd_dar.teacher_training import TeacherTrainConfig, train_teacher
+from dmd_dar.teacher.repa import repa_loss
+from dmd_dar.teacher.training import TeacherTrainConfig, train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_repa_loss_known_answers():
 
 def test_repa_with_the_offline_inception_encoder_trains(tmp_path):
     pytest.importorskip("torchmetrics")
-    from dmd_dar.fid import inception_weights_path
+    from dmd_dar.metrics.fid import inception_weights_path
 
     try:
         inception_weights_path()

@@ -11,18 +11,15 @@ diffusers = pytest.importorskip("diffusers")
 from dmd_dar.diffusion import cfg_denoiser, flow_t_to_vp, interpolate, vp_to_flow_t  # noqa: E402
 from dmd_dar.errors import UserError  # noqa: E402
 from dmd_dar.models.diffusers_dar import convert_to_dar, load_dar_pretrained, save_dar_pretrained  # noqa: E402
+from dmd_dar.models.lora import apply_lora, lora_targets, merge_lora, trainable_parameters  # noqa: E402
 from dmd_dar.routing import RoutingConfig  # noqa: E402
-from dmd_dar.teachers import (  # noqa: E402
+from dmd_dar.t2i import (  # noqa: E402
     DiffusersDenoiser,
     TextCondition,
-    apply_lora,
     ddpm_linear_alphas_cumprod,
     flux_image_ids,
-    lora_targets,
     load_teacher,
-    merge_lora,
     pack_latents,
-    trainable_parameters,
     unpack_latents,
 )
 
@@ -128,8 +125,8 @@ def test_pack_unpack_round_trip_and_layout():
 
 # ------------------------------------------------------------------------------------------ VP adapters
 @pytest.mark.parametrize("family", ["dit", "pixart"])
-@pytest.mark.parametrize("kind", ["vp_eps", "vp_v"])
-def test_vp_adapter_recovers_x0(monkeypatch, family, kind):
+@pytest.mark.parametrize("prediction", ["vp_eps", "vp_v"])
+def test_vp_adapter_recovers_x0(monkeypatch, family, prediction):
     x0, eps, t, x_t = known_sample(2)
     model = build(family)
     ac = ddpm_linear_alphas_cumprod()
@@ -138,11 +135,11 @@ def test_vp_adapter_recovers_x0(monkeypatch, family, kind):
     def exact_prediction(hidden_states, timestep=None, return_dict=True, **kwargs):
         seen["x_vp"], seen["timestep"] = hidden_states, timestep
         ab = flow_t_to_vp(t).view(-1, 1, 1, 1)
-        pred = eps if kind == "vp_eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        pred = eps if prediction == "vp_eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
         return (torch.cat([pred, torch.full_like(pred, 1e3)], dim=1),)  # + a learned-variance half to drop
 
     monkeypatch.setattr(model, "forward", exact_prediction)
-    teacher = DiffusersDenoiser(model, kind=kind, alphas_cumprod=ac)
+    teacher = DiffusersDenoiser(model, prediction=prediction, alphas_cumprod=ac)
     torch.testing.assert_close(teacher(x_t, t, condition(family)), x0, rtol=0, atol=1e-4)
     # the VP input has the same SNR: sqrt(ab) x0 + sqrt(1 - ab) eps
     ab = flow_t_to_vp(t).view(-1, 1, 1, 1)
@@ -179,9 +176,9 @@ def test_vp_adapter_on_real_tiny_dit_matches_hand_conversion():
     torch.testing.assert_close(x0, (x_vp - (1 - ab).sqrt() * eps) / ab.sqrt())
 
 
-def test_kind_mismatch_is_user_error():
+def test_prediction_mismatch_is_user_error():
     with pytest.raises(UserError, match="does not fit"):
-        DiffusersDenoiser(build("dit"), kind="flow")
+        DiffusersDenoiser(build("dit"), prediction="flow")
 
 
 # ------------------------------------------------------------------------------------------ conditions and CFG
@@ -206,9 +203,9 @@ def test_text_condition_cat_and_cfg():
 # ------------------------------------------------------------------------------------------ loading
 def test_missing_local_path_is_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        load_teacher(tmp_path / "nope", kind="sd3")
+        load_teacher(tmp_path / "nope", arch="sd3")
     with pytest.raises(UserError, match="unknown"):
-        load_teacher(tmp_path, kind="sdxl")
+        load_teacher(tmp_path, arch="sdxl")
 
 
 def test_offline_hub_id_is_user_error(monkeypatch):
@@ -217,14 +214,14 @@ def test_offline_hub_id_is_user_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="not available offline.*local path"):
-        load_teacher("black-forest-labs/FLUX.1-dev", kind="flux")
+        load_teacher("black-forest-labs/FLUX.1-dev", arch="flux")
 
 
 def test_load_teacher_from_local_pipeline_folder(tmp_path):
     model = jitter(build("qwen"))
     model.save_pretrained(tmp_path / "pipe" / "transformer")
-    teacher = load_teacher(tmp_path / "pipe", kind="qwen_image")
-    assert teacher.kind == "flow" and not any(p.requires_grad for p in teacher.parameters())
+    teacher = load_teacher(tmp_path / "pipe", arch="qwen_image")
+    assert teacher.prediction == "flow" and not any(p.requires_grad for p in teacher.parameters())
     for a, b in zip(teacher.transformer.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
@@ -289,7 +286,7 @@ def _tiny_clip():
 
 
 def test_prompt_cache_built_once(tmp_path):
-    from dmd_dar.text import build_prompt_cache, load_prompt_cache, transformers_prompt_encoder
+    from dmd_dar.t2i import build_prompt_cache, load_prompt_cache, transformers_prompt_encoder
 
     tokenizer, encoder = _tiny_clip()
     base = transformers_prompt_encoder(tokenizer, encoder, max_length=6, with_mask=True)
@@ -319,7 +316,7 @@ def test_prompt_cache_built_once(tmp_path):
 
 
 def test_prompt_file_errors(tmp_path):
-    from dmd_dar.text import load_prompt_cache, read_prompts
+    from dmd_dar.t2i import load_prompt_cache, read_prompts
 
     with pytest.raises(UserError, match="not found"):
         read_prompts(tmp_path / "missing.txt")

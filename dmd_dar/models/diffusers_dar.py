@@ -7,7 +7,7 @@ sublayer per residual add (see docs/diffusers.md for the per-class table). The n
 the blocks' own submodules (norms, attention modules and their processors, feed-forwards, gates); they do
 not copy the stock block code.
 
-Written against diffusers==0.42.1 (pinned in scripts/setup.sh); the block internals used here are checked by
+Written against diffusers==0.42.1 (pinned in pyproject.toml); the block internals used here are checked by
 tests/test_diffusers_dar.py (residual mode == stock forward, bit for bit).
 
 Text (context) stream of MM-DiTs: `route_text=False` (default) keeps its residual adds; `route_text=True`
@@ -29,6 +29,7 @@ from torch import nn
 
 from dmd_dar.checkpoint import atomic_dir, read_json
 from dmd_dar.errors import UserError
+from dmd_dar.models.architectures import CLASS_NAMES, architecture_of, architecture_of_class
 from dmd_dar.routing import DepthRouter, RoutingConfig
 
 try:
@@ -529,17 +530,7 @@ _DAR_CLASSES: dict[type, type] = {
     for cls in (DARDiTTransformer2DModel, DARPixArtTransformer2DModel, DARSD3Transformer2DModel,
                 DARFluxTransformer2DModel, DARQwenImageTransformer2DModel)
 }
-SUPPORTED_CLASSES = tuple(c.__name__ for c in _DAR_CLASSES)
-_MM_DIT = (SD3Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel)
-
-
-def is_dar_model(model) -> bool:
-    return isinstance(model, _DARMixin)
-
-
-def stock_class(model) -> type:
-    """The diffusers class a (converted or stock) model belongs to."""
-    return model._stock_class if isinstance(model, _DARMixin) else type(model)
+SUPPORTED_CLASSES = CLASS_NAMES  # the registry (dmd_dar.models.architectures); each has a DAR class above
 
 
 def convert_to_dar(model, routing: RoutingConfig | dict | None, route_text: bool = False):
@@ -558,7 +549,8 @@ def convert_to_dar(model, routing: RoutingConfig | dict | None, route_text: bool
         raise TypeError(
             f"convert_to_dar does not support {type(model).__name__}; supported diffusers classes: {', '.join(SUPPORTED_CLASSES)}"
         )
-    if route_text and not isinstance(model, _MM_DIT):
+    arch = architecture_of(model)
+    if route_text and not arch.text_stream:
         raise UserError(f"route_text=True needs an MM-DiT (SD3, Flux, Qwen-Image); {type(model).__name__} has no text stream")
     param = next(model.parameters())
     model.__class__ = dar_class
@@ -566,16 +558,11 @@ def convert_to_dar(model, routing: RoutingConfig | dict | None, route_text: bool
     dim, time_dim = model.inner_dim, model._dar_time_dim()
     # Router parameters stay fp32 (routing maths run in fp32) on the model's device.
     model.router = DepthRouter(routing, num_image, dim, time_dim).to(param.device)
-    if isinstance(model, _MM_DIT):
+    if arch.text_stream:
         text_routing = routing if (route_text and num_text > 0) else RoutingConfig(mode="residual")
         model.text_router = DepthRouter(text_routing, max(num_text, 1), dim, time_dim).to(param.device)
     model.register_to_config(dar_routing=routing.to_dict(), dar_route_text=bool(route_text))
     return model
-
-
-def router_parameters(model) -> list[nn.Parameter]:
-    """The router parameters of a converted model (image router, plus the text router when it routes)."""
-    return [p for name, p in model.named_parameters() if name.startswith(("router.", "text_router."))]
 
 
 def _json_ready(value: Any) -> Any:
@@ -595,7 +582,7 @@ def save_dar_pretrained(model, folder) -> None:
     if not isinstance(model, _DARMixin):
         raise UserError(f"save_dar_pretrained needs a model returned by convert_to_dar, got {type(model).__name__}")
     if any("lora_" in name for name, _ in model.named_parameters()):
-        raise UserError("the model still holds LoRA adapters; fold them in first with dmd_dar.teachers.merge_lora(model)")
+        raise UserError("the model still holds LoRA adapters; fold them in first with dmd_dar.models.lora.merge_lora(model)")
     backbone, router = {}, {}
     for name, tensor in model.state_dict().items():
         target = router if name.startswith(("router.", "text_router.")) else backbone
@@ -625,10 +612,9 @@ def load_dar_pretrained(folder, torch_dtype: torch.dtype | None = None, device: 
     if not (folder / ROUTING_FILE).is_file():
         raise UserError(f"{folder} has no {ROUTING_FILE}: not a DAR export folder (write one with save_dar_pretrained)")
     meta = read_json(folder / ROUTING_FILE)
-    by_name = {cls.__name__: cls for cls in _DAR_CLASSES}
-    stock = by_name.get(meta.get("class"))
-    if stock is None:
+    if meta.get("class") not in SUPPORTED_CLASSES:
         raise UserError(f"{folder / ROUTING_FILE} names class {meta.get('class')!r}; supported: {', '.join(SUPPORTED_CLASSES)}")
+    stock = architecture_of_class(meta["class"]).diffusers_class()
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     model = stock.from_pretrained(str(folder), **kwargs)
     model = convert_to_dar(model, RoutingConfig.from_dict(meta["routing"]), route_text=meta.get("route_text", False))

@@ -197,7 +197,7 @@ class DiT(nn.Module):
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> "DiT":
+    def from_preset(cls, name: str, **kwargs) -> DiT:
         """`DiT.from_preset("XL/2", input_size=32, ...)`: sizes S/B/L/XL x patch 2/4/8."""
         size, _, patch = name.partition("/")
         if size not in PRESETS or patch not in ("2", "4", "8"):
@@ -296,7 +296,7 @@ class DiT(nn.Module):
         save_model(folder, {"class": "DiT", **self.config}, self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, folder, routing: RoutingConfig | dict | None = None, **overrides) -> "DiT":
+    def from_pretrained(cls, folder, routing: RoutingConfig | dict | None = None, **overrides) -> DiT:
         """Load a DiT folder. `routing` swaps the routing: a residual checkpoint loads into a DAR model, whose
         router parameters (the only new keys) keep their zero initialisation."""
         files = load_model_files(folder)

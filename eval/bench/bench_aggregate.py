@@ -22,7 +22,7 @@ import _common as C  # noqa: I001  (also puts the repo on sys.path)
 import torch
 
 from dmd_dar.errors import cli_main
-from dmd_dar.kernels import aggregate, triton_available
+from dmd_dar.routing.kernels import aggregate, triton_available
 
 
 def query_for(kind: str, B: int, T: int, D: int, device) -> torch.Tensor:
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
 
     fused_ok = triton_available()
     if fused_ok and not gpu:
-        from dmd_dar.kernels import triton_aggregate
+        from dmd_dar.routing.kernels import triton_aggregate
 
         fused_ok = triton_aggregate.interpreting()
     backends = ["torch"] + (["triton"] if fused_ok else [])

@@ -1,6 +1,6 @@
 """DMD step on the CPU with the real trainer: seconds and peak memory per student step, residual vs DAR.
 
-Issue 4 item 9. Each variant is two `dmd_dar.distill.run_distillation` runs (configs/default.yaml plus the
+Issue 4 item 9. Each variant is two `dmd_dar.dmd.trainer.run_distillation` runs (configs/default.yaml plus the
 overrides below), each in a fresh subprocess with --threads torch threads: one for time (--steps steps),
 one for memory (--memory-steps steps, with the precautions below, which slow allocations down). A
 "student step" is what the trainer's loop does per step: `fake.updates_per_student_step` fake-score updates
@@ -95,7 +95,8 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     from dmd_dar.config import load_config
-    from dmd_dar.distill import DistillConfig, run_distillation
+    from dmd_dar.dmd.config import DistillConfig
+    from dmd_dar.dmd.trainer import run_distillation
 
     # A tiny warm-up run first (same variant, batch 2, 2 steps): it pages in the code of torch, oneDNN,
     # accelerate, safetensors... which counts towards RSS the first time and would otherwise swamp the delta.
@@ -206,7 +207,7 @@ def main(argv=None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_distill_"))
     try:
         teacher, teacher_note = resolve_teacher(args.teacher, workdir)
-        print("== DMD student step on the CPU: residual vs DAR (real trainer, dmd_dar.distill.run_distillation)")
+        print("== DMD student step on the CPU: residual vs DAR (real trainer, dmd_dar.dmd.trainer.run_distillation)")
         print(f"date: {time.strftime('%Y-%m-%dT%H:%M:%S')}  CPU {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} logical CPUs, {args.threads} torch thread(s)  torch {torch.__version__}  "
               f"python {platform.python_version()}  load average {os.getloadavg()[0]:.2f}")

@@ -1,7 +1,7 @@
 """One DMD student update at DiT-XL/2 size: time per student update and model FLOP utilisation (MFU).
 
 Self-contained emulation (the project's DMD trainer is written elsewhere; this measures the same work with
-plain ops on `dmd_dar.models.DiT`, `dmd_dar.diffusion` and `dmd_dar.kernels`):
+plain ops on `dmd_dar.models.DiT`, `dmd_dar.diffusion` and `dmd_dar.routing.kernels`):
 
   student  (DAR, trained)    x = G(z) = x0 prediction at t = 1 (one step), with grad
   teacher  (residual, frozen) real_x0 at a noised x_t, with CFG (one doubled-batch forward, no grad)

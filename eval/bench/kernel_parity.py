@@ -7,7 +7,7 @@ Runs on CUDA (compiled kernels) or on the CPU under Triton's interpreter:
 
 Prints one line per case and exits 1 if any case is outside tolerance (--json prints a JSON list instead).
 Used by tests/test_kernels.py (in a subprocess for the interpreter) and by eval/bench/run_gpu.sh.
-Imports only torch, triton and dmd_dar.kernels / dmd_dar.routing.
+Imports only torch, triton and dmd_dar.routing.kernels / dmd_dar.routing.
 """
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(case: Case, device: str, seed: int = 0) -> Result:
-    from dmd_dar.kernels import triton_aggregate
-    from dmd_dar.kernels.reference import aggregate_reference
+    from dmd_dar.routing.kernels import triton_aggregate
+    from dmd_dar.routing.kernels.reference import aggregate_reference
 
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list of results")
     parser.add_argument("--no-router", action="store_true", help="skip the DepthRouter end-to-end check")
     args = parser.parse_args(argv)
-    from dmd_dar.kernels import triton_aggregate
+    from dmd_dar.routing.kernels import triton_aggregate
 
     if args.device == "cpu" and not triton_aggregate.interpreting():
         print("error: on the CPU run with TRITON_INTERPRET=1 (Triton's interpreter)", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmd_dar.checkpoint import hub_offline
 from dmd_dar.errors import UserError
 
 NETS = ("vgg", "alex", "squeeze")
@@ -50,10 +51,6 @@ def _check_net(net: str) -> None:
         raise UserError(f"LPIPS net={net!r} is unknown; use one of {', '.join(NETS)}")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _missing_backbone_message(net: str, reason: str) -> str:
     path = backbone_weights_file(net)
     return (f"LPIPS backbone weights {path.name} not found in {path.parent} ({reason}); download "
@@ -67,14 +64,14 @@ def _linear_heads_file(net: str) -> Path:
     return Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
 
 
-def load_lpips(net: str = "vgg", pretrained_backbone: bool = True, device: torch.device | str = "cpu") -> "LPIPSLoss":
+def load_lpips(net: str = "vgg", pretrained_backbone: bool = True, device: torch.device | str = "cpu") -> LPIPSLoss:
     """LPIPS v0.1 with the calibrated linear heads; the backbone from torchvision's cache (or random)."""
     _check_net(net)
     import lpips
 
     if pretrained_backbone and not backbone_weights_file(net).is_file():
-        if _offline():
-            raise UserError(_missing_backbone_message(net, "HF_HUB_OFFLINE is set, no download attempted"))
+        if hub_offline():
+            raise UserError(_missing_backbone_message(net, "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), no download attempted"))
     heads_file = _linear_heads_file(net)
     if not heads_file.is_file():
         raise UserError(f"the lpips package has no {heads_file}; reinstall it (pip install lpips==0.1.4)")
@@ -111,7 +108,7 @@ class LPIPSLoss(nn.Module):
         super().__init__()
         self.metric = metric.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "LPIPSLoss":
+    def train(self, mode: bool = True) -> LPIPSLoss:
         super().train(mode)
         self.metric.eval()  # the linear heads have dropout layers: never active
         return self

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from dmd_dar.errors import UserError
 
 DEFAULT_T_POINTS = 11
-FORMAT = "dmd_dar.diagnostics/1"
+FORMAT = "dmd_dar.metrics.diagnostics/1"
 MAX_BASELINE_FEATURES = 4096  # the raw-x_t probe average-pools larger inputs down to this many features
 RIDGE_ALPHAS = tuple(10.0 ** e for e in range(-6, 4))  # penalty per training row, standardised features
 
@@ -110,7 +111,7 @@ def adapter_for(model: Any) -> DiagnosisAdapter:
         return model
     raise UserError(
         f"cannot diagnose a {type(model).__name__}: pass a dmd_dar DiT or wrap the model in a "
-        "dmd_dar.diagnostics.DiagnosisAdapter (module, router, sublayers_per_block, predict, target, condition, source_name)"
+        "dmd_dar.metrics.diagnostics.DiagnosisAdapter (module, router, sublayers_per_block, predict, target, condition, source_name)"
     )
 
 

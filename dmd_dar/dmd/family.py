@@ -1,8 +1,9 @@
 """What the DMD trainer needs from a model family, and the family of our own class-conditional DiT.
 
-The trainer (dmd_dar/distill.py) never touches a model's parameterisation, conditioning or file format
-directly: it asks the family. `DiTFamily` serves our DiT teachers (class labels, pixel space);
-`dmd_dar.t2i.DiffusersFamily` serves diffusers text-to-image transformers (prompt embeddings, latents).
+The trainer (dmd_dar/dmd/trainer.py) and the sampler (dmd_dar/sampling.py) never touch a model's
+parameterisation, conditioning or file format directly: they ask the family. `DiTFamily` serves our DiT
+teachers and students (class labels); `dmd_dar.t2i.DiffusersFamily` serves diffusers text-to-image
+transformers (prompt embeddings, latents).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from torch import nn
 from dmd_dar.checkpoint import load_model_files
 from dmd_dar.diffusion import Denoiser, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample
 from dmd_dar.errors import UserError
-from dmd_dar.lora import apply_lora, merge_lora
 from dmd_dar.models import DiT
+from dmd_dar.models.lora import apply_lora, merge_lora
 from dmd_dar.routing import RoutingConfig
+from dmd_dar.t2i.latents import latent_preview
 
-BUNDLED_TEACHER = Path(__file__).parent / "assets" / "teacher"
+BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "teacher"
 
 
 class Family(Protocol):
@@ -37,7 +39,9 @@ class Family(Protocol):
 
     def denoising_loss(self, model: nn.Module, x0, noise, t, cond) -> torch.Tensor: ...
 
-    def real_score(self, teacher: nn.Module, guidance_scale: float) -> Denoiser: ...  # with CFG
+    def with_cfg(self, model: nn.Module, scale: float) -> Denoiser: ...  # CFG against the null condition (1: none)
+
+    def real_score(self, teacher: nn.Module, guidance_scale: float) -> Denoiser: ...  # the teacher with guidance
 
     def conditions(self, ids: torch.Tensor) -> Any: ...  # ids -> the model's conditioning, on the device
 
@@ -63,22 +67,24 @@ def resolve_dit_teacher(path: str) -> Path:
 
 
 class DiTFamily:
-    """Our class-conditional velocity DiT in pixel space; condition ids are class labels."""
+    """Our class-conditional velocity DiT (pixels, or latents for imported latent checkpoints); condition ids
+    are class labels. `teacher`: "bundled", a DiT folder, or a loaded DiT (e.g. a student to sample)."""
 
-    def __init__(self, teacher_path: str, device: torch.device):
-        self.folder = resolve_dit_teacher(teacher_path)
+    def __init__(self, teacher: str | Path | DiT, device: torch.device):
         self.device = device
-        self._teacher = DiT.from_pretrained(self.folder).to(device).eval().requires_grad_(False)
-        t = self._teacher
-        self.sample_shape = (t.in_channels, t.input_size, t.input_size)
-        self.num_conditions = t.num_classes
-        self.feature_dim = t.config["hidden_size"]
+        model = teacher if isinstance(teacher, DiT) else DiT.from_pretrained(resolve_dit_teacher(str(teacher)))
+        self._teacher = model.to(device).eval().requires_grad_(False)
+        self.sample_shape = (model.in_channels, model.input_size, model.input_size)
+        self.num_conditions = model.num_classes
+        self.feature_dim = model.config["hidden_size"]
 
     def teacher(self) -> DiT:
         return self._teacher
 
     def trainable(self, routing: RoutingConfig, lora_rank: int) -> DiT:
-        model = DiT.from_pretrained(self.folder, routing=routing)  # router params: zero init
+        """A copy of the teacher with `routing` (its router parameters start at zero), on the CPU."""
+        model = DiT(**{**self._teacher.config, "routing": RoutingConfig.from_dict(routing).to_dict()})
+        model.load_backbone_state(self._teacher.state_dict(), source="the teacher")
         return apply_lora(model, rank=lora_rank) if lora_rank > 0 else model
 
     def denoiser(self, model: nn.Module) -> Denoiser:
@@ -87,8 +93,11 @@ class DiTFamily:
     def denoising_loss(self, model: nn.Module, x0, noise, t, cond) -> torch.Tensor:
         return flow_matching_loss(model, x0, noise, t, cond)
 
+    def with_cfg(self, model: nn.Module, scale: float) -> Denoiser:
+        return cfg_denoiser(VelocityDenoiser(model), scale, self._teacher.null_class)
+
     def real_score(self, teacher: nn.Module, guidance_scale: float) -> Denoiser:
-        return cfg_denoiser(VelocityDenoiser(teacher), guidance_scale, self._teacher.null_class)
+        return self.with_cfg(teacher, guidance_scale)
 
     def conditions(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.to(self.device)
@@ -108,18 +117,19 @@ class DiTFamily:
         return DiT.from_pretrained(folder).to(self.device).eval()
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if x.shape[1] in (1, 3) else latent_preview(x)  # latents: no VAE here
 
     @torch.no_grad()
     def teacher_sample(self, teacher, noise, ids, sampler: str, steps: int, guidance_scale: float) -> torch.Tensor:
         return sample(self.real_score(teacher, guidance_scale), noise, self.conditions(ids), sampler=sampler, steps=steps)
 
 
-def make_family(kind: str, teacher: str, device: torch.device, t2i_config: Any = None) -> Family:
-    if kind == "dit":
+def make_family(backbone: str, teacher: str, device: torch.device, t2i_config: Any = None) -> Family:
+    """The family of `backbone` (the config field `backbone`): "dit" (our DiT) or "diffusers" (text-to-image)."""
+    if backbone == "dit":
         return DiTFamily(teacher, device)
-    if kind == "diffusers":
-        from dmd_dar.t2i import DiffusersFamily
+    if backbone == "diffusers":
+        from dmd_dar.t2i.family import DiffusersFamily  # imports diffusers: only for diffusers runs
 
         return DiffusersFamily(teacher, t2i_config, device)
-    raise UserError(f"family={kind!r} is not 'dit' or 'diffusers'")
+    raise UserError(f"backbone={backbone!r} is not 'dit' or 'diffusers'")

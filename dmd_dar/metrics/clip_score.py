@@ -13,8 +13,9 @@ for users with a network (open_clip caches them). Without weights, a UserError s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class CLIPScorer:
         *,
         device: str | torch.device = "cpu",
         cache_dir: str | None = None,
-    ) -> "CLIPScorer":
+    ) -> CLIPScorer:
         """Build a scorer from open_clip weights: `pretrained` is a local weights file or a hub tag.
 
         `model_name` may also be "hf-hub:org/repo" or "local-dir:/path" (open_clip's schemas), in which

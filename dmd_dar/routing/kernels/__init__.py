@@ -1,14 +1,14 @@
 """DAR aggregation kernels: the PyTorch reference path and (on CUDA) a fused Triton path.
 
 `values` may be a stacked tensor [S, B, T, D] or a sequence of S tensors [B, T, D].
-The Triton module is imported lazily, so importing `dmd_dar.kernels` never needs triton.
+The Triton module is imported lazily, so importing `dmd_dar.routing.kernels` never needs triton.
 """
 from __future__ import annotations
 
 import torch
 
 from dmd_dar.errors import UserError
-from dmd_dar.kernels.reference import aggregate_reference, aggregate_sources, routing_logits, routing_weights
+from dmd_dar.routing.kernels.reference import aggregate_reference, aggregate_sources, routing_logits, routing_weights
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -24,7 +24,7 @@ def _first_source(values) -> torch.Tensor:
 def triton_available() -> bool:
     """True when the fused kernel module imports (triton installed); says nothing about a GPU."""
     try:
-        import dmd_dar.kernels.triton_aggregate  # noqa: F401
+        import dmd_dar.routing.kernels.triton_aggregate  # noqa: F401
     except ImportError:
         return False
     return True
@@ -32,7 +32,7 @@ def triton_available() -> bool:
 
 def _fused():
     try:
-        from dmd_dar.kernels.triton_aggregate import aggregate_triton
+        from dmd_dar.routing.kernels.triton_aggregate import aggregate_triton
     except ImportError as err:
         raise UserError(f"routing backend 'triton' needs the triton package ({err}); install it or use backend='torch'") from err
     return aggregate_triton
@@ -52,7 +52,7 @@ def aggregate(values, query, key_weight, eps: float = 1e-6, backend: str = "auto
     if not isinstance(values, torch.Tensor):
         values = list(values)
     if backend == "auto" and _first_source(values).is_cuda and triton_available():
-        from dmd_dar.kernels import triton_aggregate
+        from dmd_dar.routing.kernels import triton_aggregate
 
         if not triton_aggregate.interpreting():
             return triton_aggregate.aggregate_triton(values, query, key_weight, eps)

@@ -20,7 +20,6 @@ import importlib.util
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -84,7 +83,7 @@ class InceptionFeatures(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "InceptionFeatures":
+    def train(self, mode: bool = True) -> InceptionFeatures:
         return super().train(False)  # batch-norm statistics are fixed; never switch to training mode
 
     def forward(self, images: Tensor) -> Tensor:
@@ -137,7 +136,7 @@ def _load_torchscript(path: Path, device) -> nn.Module:
 
 
 def load_inception(
-    weights_path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu", quantize: bool = True
+    weights_path: str | Path | None = None, device: str | torch.device = "cpu", quantize: bool = True
 ) -> InceptionFeatures:
     """The FID feature extractor (see the module docstring).
 
@@ -189,9 +188,9 @@ def extract_features(images: Tensor, feature: nn.Module, batch_size: int = 32, d
 def compute_fid(
     real_images: Tensor,
     fake_images: Tensor,
-    feature: Optional[nn.Module] = None,
+    feature: nn.Module | None = None,
     batch_size: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
 ) -> float:
     """FID between two image sets (float NCHW in [-1, 1]) with torchmetrics' FrechetInceptionDistance.
 

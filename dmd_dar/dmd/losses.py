@@ -1,28 +1,20 @@
-"""Distribution matching distillation (DMD, DMD2) losses against small typed protocols.
+"""Distribution matching distillation (DMD, DMD2) losses.
 
 Three networks, one x0 interface (`x0 = denoiser(x_t, t, cond)`, t = 1 noise):
 - the real score: the frozen teacher, with classifier-free guidance;
 - the fake score: a copy of the teacher trained online on the generator's (detached) samples, no CFG;
-- the generator (student): noise (+ cond) -> sample in one or K steps.
+- the generator (student): noise (+ cond) -> sample in one or K steps (`dmd_dar.diffusion.few_step_sample`).
 
 The generator is pushed along (fake_x0 - real_x0) at noised generator samples (Yin et al. 2023, 2024).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dmd_dar.diffusion import Denoiser, interpolate
-
-
-class ScoreModel(Protocol):
-    """A trainable denoiser: the fake score (and the teacher, when it was trained)."""
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...  # x0
-
-    def denoising_loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
 
 
 def distribution_matching_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
@@ -54,31 +46,3 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
-
-
-def generate(
-    student: Denoiser,
-    noise: torch.Tensor,
-    cond: Any,
-    timesteps: Sequence[float],
-    train_step: int | None = None,
-    renoise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """K-step (DMD2) generation: at each t_k predict x0, then renoise it to t_{k+1} with fresh noise.
-
-    train_step=None samples the whole chain without gradient. train_step=k is *backward simulation*: the
-    student's own chain runs without gradient up to step k, and only step k's x0 carries a gradient.
-    renoise: [K-1, *noise.shape] noises for the renoising steps (drawn by the caller, for determinism).
-    """
-    K = len(timesteps)
-    last = K - 1 if train_step is None else train_step
-    x = noise
-    for k in range(last + 1):
-        t = torch.full((noise.shape[0],), float(timesteps[k]), device=noise.device)
-        with torch.set_grad_enabled(train_step is not None and k == train_step and torch.is_grad_enabled()):
-            x0 = student(x, t, cond)
-        if k == last:
-            return x0
-        fresh = renoise[k] if renoise is not None else torch.randn_like(noise)
-        x = interpolate(x0.detach(), fresh, torch.full_like(t, float(timesteps[k + 1])))
-    raise AssertionError("unreachable")

@@ -26,7 +26,7 @@ class InceptionEncoder(nn.Module):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        from dmd_dar.fid import load_inception
+        from dmd_dar.metrics.fid import load_inception
 
         self.net = load_inception(weights_path)
 

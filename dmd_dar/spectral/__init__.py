@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -91,8 +92,7 @@ class SpectralStatistics(NamedTuple):
         return self.radial_power.mean(0)
 
 
-# --------------------------------------------------------------------------------------------------
-# Input checks
+# ------------------------------------------------------------------------------------- Input checks
 
 
 def validate_images(images: Any, name: str = "images") -> torch.Tensor:
@@ -158,8 +158,8 @@ def _check_frequencies(values: Sequence[float], what: str, allow_zero: bool) -> 
     return values
 
 
-# --------------------------------------------------------------------------------------------------
-# Frequency-grid layout (cached: a pure function of the shape and the requested boundaries)
+# ---------------------------------------------------------------------------- Frequency-grid layout
+# Cached: a pure function of the shape and the requested boundaries.
 
 
 class _Layout(NamedTuple):
@@ -231,8 +231,7 @@ def _layout(height: int, width: int, window: str, cutoffs: tuple[float, ...], ba
     return _Layout(freqs, point_index, accumulator_to_outputs, win, dc_leak)
 
 
-# --------------------------------------------------------------------------------------------------
-# Core computation
+# --------------------------------------------------------------------------------- Core computation
 
 
 def _to_analysed_channels(images: torch.Tensor, channels: str) -> torch.Tensor:
@@ -306,8 +305,7 @@ def spectral_statistics(
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Public metrics
+# ----------------------------------------------------------------------------------- Public metrics
 
 
 def radial_power_spectrum(images: Any, *, window: str = DEFAULT_WINDOW, channels: str = "mean") -> RadialSpectrum:

@@ -14,13 +14,13 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from dmd_dar.checkpoint import atomic_dir, check_replaceable
 from dmd_dar.errors import UserError
 from dmd_dar.spectral import (
     DEFAULT_BAND_EDGES,
@@ -38,6 +38,9 @@ from dmd_dar.spectral import (
 
 REPORT_FILES = ("metrics.json", "report.md", "report.html")
 FIGURE_FILES = ("spectra.png", "band_ratios.png", "hf_retention.png", "examples.png")
+# An existing output folder is replaced only when it holds nothing but these (a previous report).
+OUTPUT_FILES = frozenset(REPORT_FILES + FIGURE_FILES)
+PREVIOUS_OUTPUT = "a previous report"
 # The cutoff the summary table and the CLI's last line lead with.
 HEADLINE_CUTOFF = 0.25
 REFERENCE_COLOR = "black"
@@ -78,7 +81,7 @@ def write_report(
     if len(set(names)) != len(names):
         raise UserError(f"image set names must be unique (the reference is {reference_name!r}), got {names}")
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir, OUTPUT_FILES, PREVIOUS_OUTPUT)  # before the work, not only at the write
 
     ref_images = validate_images(reference, reference_name)
     cand_images = {name: validate_images(images, name) for name, images in candidates.items()}
@@ -138,57 +141,17 @@ def write_report(
     markdown = _render_markdown(metrics)
     page = _render_html(metrics, figures)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private; the report is meant to be shared
+    with atomic_dir(out_dir, OUTPUT_FILES, PREVIOUS_OUTPUT) as tmp_dir:
         (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         (tmp_dir / "report.md").write_text(markdown)
         (tmp_dir / "report.html").write_text(page)
         for filename, png in figures.items():
             (tmp_dir / filename).write_bytes(png)
-        _move_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return metrics
 
 
-# --------------------------------------------------------------------------------------------------
-# Output folder handling
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
-    allowed = set(REPORT_FILES) | set(FIGURE_FILES)
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in allowed)
-    if foreign:
-        raise UserError(
-            f"{out_dir}: exists and holds files that are not a previous report ({', '.join(foreign[:3])}); "
-            "choose another --out"
-        )
-
-
-def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        os.replace(old / out_dir.name, out_dir)  # put the previous report back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Figures (matplotlib's object API with the Agg canvas: no pyplot, no global figure state)
+# ------------------------------------------------------------------------------------------ Figures
+# matplotlib's object API with the Agg canvas: no pyplot, no global figure state.
 
 
 def _new_figure(width: float, height: float, ncols: int = 1):
@@ -338,8 +301,7 @@ def _plot_examples(image_sets: Mapping[str, torch.Tensor], num_examples: int, cu
     return _png_bytes(fig)
 
 
-# --------------------------------------------------------------------------------------------------
-# Text
+# --------------------------------------------------------------------------------------------- Text
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -353,7 +315,7 @@ def _summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     conf = metrics["settings"]["confidence"]
     header = ["set", "images"]
     header += [f"HF retention f>{c:g} [{conf:.0%} CI]" for c in cutoffs]
-    header += ["HF share f>{:g}".format(_nearest_cutoff(cutoffs)), "LSD (dB)", "slope"]
+    header += [f"HF share f>{_nearest_cutoff(cutoffs):g}", "LSD (dB)", "slope"]
     ref = metrics["reference"]
     headline = f"{_nearest_cutoff(cutoffs):g}"
     rows = [[f"{ref['name']} (reference)", str(ref["num_images"])] + ["1 (by definition)"] * len(cutoffs)

@@ -1,0 +1,264 @@
+"""The distillation job: build the networks of each arm, run the DMD method in the shared loop, export the
+student, then grids, samples and the spectral report.
+
+Entry point: `scripts/distill.py --config configs/<name>.yaml [key=value ...]`. One run distills one arm (the
+student's routing as configured) or, with `arms: [dar, residual]`, both arms from the same teacher with the
+same seeds and data order, and ends with one comparative spectral report.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+
+from dmd_dar.checkpoint import read_json, save_model, write_json
+from dmd_dar.config import save_config
+from dmd_dar.data import load_dataset
+from dmd_dar.diffusion import few_step_sample
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.dmd.family import Family, make_family
+from dmd_dar.dmd.method import DMD, FakeScore, Optimised, make_gan_head
+from dmd_dar.errors import UserError
+from dmd_dar.grid import save_image_grid
+from dmd_dar.routing import RoutingConfig
+from dmd_dar.spectral import high_frequency_ratio
+from dmd_dar.training import (
+    EMA,
+    Cadence,
+    Resumed,
+    latest_checkpoint,
+    load_run_checkpoint,
+    local_slice,
+    make_optimizer,
+    resume_run,
+    run_loop,
+    save_run_checkpoint,
+    step_generator,
+)
+
+
+@dataclass
+class EvalBatch:
+    """The fixed noises and conditions every arm is shown on: the grids, and the HF-ratio probe during training."""
+
+    grid_noise: torch.Tensor
+    grid_ids: torch.Tensor
+    probe_noise: torch.Tensor
+    probe_ids: torch.Tensor
+    teacher_probe_hf_ratio: float
+
+
+# ------------------------------------------------------------------------------------------- one arm
+def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_dir: Path, accelerator, fixed: EvalBatch) -> Path:
+    """Distill one student; returns its exported model folder (run_dir/student)."""
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
+    student = family.trainable(routing, cfg.student.lora_rank)
+    if cfg.student.init:
+        family.load_weights(student, Path(cfg.student.init))
+    student.gradient_checkpointing = cfg.student.gradient_checkpointing
+    fake_model = family.trainable(cfg.fake.routing, cfg.fake.lora_rank)
+    head = make_gan_head(family.feature_dim) if cfg.gan.enabled else None
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    fake_params = [p for p in fake_model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    student_opt = make_optimizer(student_params, cfg.student.optim)
+    fake_opt = make_optimizer(fake_params, cfg.fake.optim)
+    if cfg.student.ema_decay > 0 and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("student.ema_decay > 0 is not supported under FSDP (the EMA copy would not be sharded); set 0")
+    ema = EMA(student, cfg.student.ema_decay) if cfg.student.ema_decay > 0 else None
+
+    modules = {"student": student, "fake": fake_model, "gan_head": head, "student_ema": ema and ema.model}
+    resumed = resume_run(run_dir, modules, {"student_opt": student_opt, "fake_opt": fake_opt}) if cfg.resume else Resumed()
+    if resumed.step:
+        accelerator.print(f"resuming {run_dir} from step {resumed.step}")
+    if ema is not None:
+        ema.num_updates = resumed.step - resumed.skipped_steps
+
+    real_images = load_dataset(cfg.gan.dataset, split="train").images if cfg.gan.enabled else None
+    regression = None
+    if cfg.regression.enabled:
+        from dmd_dar.dmd.regression import RegressionLoss  # LPIPS weights are loaded only when asked for
+
+        regression = RegressionLoss.from_config(cfg.regression, family, device, batch_size=cfg.batch_size, seed=cfg.seed)
+
+    student, fake_model, student_opt, fake_opt = accelerator.prepare(student, fake_model, student_opt, fake_opt)
+    if head is not None:
+        head = accelerator.prepare(head)
+    raw_student = accelerator.unwrap_model(student)
+    if ema is not None:
+        ema.model.to(device)
+    unwrapped_head = accelerator.unwrap_model(head) if head is not None else None
+    method = DMD(cfg, family, accelerator, student,
+                 fake=FakeScore(family, fake_model, head),
+                 fake_unwrapped=FakeScore(family, accelerator.unwrap_model(fake_model), unwrapped_head),
+                 student_opt=Optimised(student_params, student_opt, cfg.student.optim.grad_clip),
+                 fake_opt=Optimised(fake_params, fake_opt, cfg.fake.optim.grad_clip),
+                 local=local_slice(cfg.batch_size, accelerator.process_index, accelerator.num_processes),
+                 real_images=real_images, regression=regression)
+
+    def save_checkpoint(step: int, skipped: int) -> None:
+        # get_state_dict gathers full weights on every process (needed under FSDP); the main process writes
+        parts = {"student": student, "fake": fake_model, "gan_head": head}
+        states = {name: accelerator.get_state_dict(m) for name, m in parts.items() if m is not None}
+        if ema is not None:
+            states["student_ema"] = ema.model.state_dict()
+        if accelerator.is_main_process:
+            models = {name: (lambda folder, sd=sd, name=name: save_model(folder, {"slot": name}, sd)) for name, sd in states.items()}
+            save_run_checkpoint(run_dir, step, models,
+                                trainer_state={"student_opt": student_opt.state_dict(), "fake_opt": fake_opt.state_dict()},
+                                meta={"skipped_steps": skipped, "routing": routing.to_dict()}, keep_last=cfg.keep_last)
+        accelerator.wait_for_everyone()
+
+    def probe(done: int) -> dict[str, float]:
+        """The student's high-frequency share on the fixed probe batch, and that share over the teacher's."""
+        ratio = high_frequency_ratio(student_images(family, raw_student, fixed.probe_noise, fixed.probe_ids, cfg.student.timesteps))
+        return {"student_hf_ratio": ratio, "student_hf_ratio_vs_teacher": ratio / max(fixed.teacher_probe_hf_ratio, 1e-12)}
+
+    def sample(done: int) -> None:
+        imgs = student_images(family, raw_student, fixed.grid_noise, fixed.grid_ids, cfg.student.timesteps)
+        save_image_grid(imgs, run_dir / "samples" / f"step_{done:08d}.png", nrow=10, scale=2)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every, eval_every=cfg.eval.hf_every)
+    skipped, seconds = run_loop(accelerator, f"distill[{run_dir.name}]", run_dir, cadence, method.train_step, save_checkpoint,
+                                resumed, cfg.max_bad_steps, ema=ema, model=raw_student, evaluate=probe, sample=sample,
+                                progress=("dm_loss", "fake_loss"), log_prefix=f"{run_dir.name}/")
+
+    final = run_dir / "student"
+    export_state = ema.model.state_dict() if ema is not None else accelerator.get_state_dict(student)
+    if accelerator.is_main_process:
+        if accelerator.distributed_type == DistributedType.FSDP:  # raw_student holds shards: rebuild it whole
+            raw_student = family.trainable(routing, cfg.student.lora_rank)
+            raw_student.load_state_dict(export_state)
+        family.export(ema.model if ema is not None else raw_student, final)
+        write_json(run_dir / "summary.json", {"steps": cfg.steps, "skipped_steps": skipped,
+                                              "train_seconds": round(seconds, 1), "routing": routing.to_dict()})
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def student_images(family: Family, student: nn.Module, noise: torch.Tensor, ids: torch.Tensor, timesteps, batch: int | None = None) -> torch.Tensor:
+    """Student samples in len(timesteps) steps (renoising noise seeded, so repeatable), as images in [-1, 1]."""
+    batch = batch or getattr(family, "sample_batch_size", 256)  # large T2I models sample a few at a time
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    g = torch.Generator().manual_seed(12345)
+    out = []
+    for i in range(0, len(noise), batch):
+        n = noise[i : i + batch].to(device)
+        renoise = torch.randn((len(timesteps) - 1, *n.shape), generator=g).to(device)
+        x = few_step_sample(family.denoiser(student), n, family.conditions(ids[i : i + batch]), timesteps, renoise=renoise)
+        out.append(family.to_images(x).float().cpu())
+    student.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    device = family.device
+    batch = batch or getattr(family, "sample_batch_size", 250)
+    return torch.cat([family.to_images(family.teacher_sample(
+        family.teacher(), noise[i : i + batch].to(device), ids[i : i + batch], cfg.eval.teacher_sampler,
+        cfg.eval.teacher_steps, cfg.dm.guidance_scale)).float().cpu() for i in range(0, len(noise), batch)])
+
+
+# ------------------------------------------------------------------------------------------- the job
+def check_resumable(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None:
+    """Refuse, before anything is written, to resume an arm whose checkpoint has another routing."""
+    if not cfg.resume:
+        return
+    for name, routing in routings.items():
+        ckpt = latest_checkpoint(Path(cfg.out_dir) / name)
+        if ckpt is None:
+            continue
+        saved = load_run_checkpoint(ckpt)[0].get("routing")
+        if saved is not None and saved != routing.to_dict():
+            raise UserError(f"{ckpt} was written by a run with student routing {saved}, not {routing.to_dict()}: "
+                            "use another out_dir, or resume=false to start over there")
+
+
+def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
+    """The main job: distill each arm, then grids, samples and the spectral report. Returns the summary."""
+    from accelerate import Accelerator
+
+    routings = cfg.arm_routings()
+    check_resumable(cfg, routings)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=cfg.out_dir)
+    family = make_family(cfg.backbone, cfg.teacher, accelerator.device, cfg.t2i)
+    for name, routing in routings.items():
+        if not routing.function_preserving:
+            accelerator.print(f"note: arm {name} uses chunk_size={routing.chunk_size} with summary='last': the student "
+                              "does not start as the teacher's function (summary='sum' does)")
+    out = Path(cfg.out_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("tb")
+
+    t0 = time.time()
+    g = step_generator(cfg.seed, 0, stream=1000)
+    n_grid, n_probe = cfg.eval.grid_images, cfg.eval.hf_batch
+    grid_noise = torch.randn((n_grid, *family.sample_shape), generator=g)
+    probe_noise = torch.randn((n_probe, *family.sample_shape), generator=g)
+    grid_ids, probe_ids = torch.arange(n_grid) % family.num_conditions, torch.arange(n_probe) % family.num_conditions
+    teacher_grid = teacher_images(family, cfg, grid_noise, grid_ids)
+    fixed = EvalBatch(grid_noise, grid_ids, probe_noise, probe_ids,
+                      teacher_probe_hf_ratio=high_frequency_ratio(teacher_images(family, cfg, probe_noise, probe_ids)))
+    if accelerator.is_main_process:
+        save_image_grid(teacher_grid, out / "teacher_grid.png", nrow=10, scale=2)
+
+    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed) for name, routing in routings.items()}
+    summary: dict[str, Any] = {"teacher": cfg.teacher, "arms": {}}
+    if accelerator.is_main_process:
+        grids = {"teacher": teacher_grid}
+        for name, folder in students.items():
+            grids[name] = student_images(family, family.load_student(folder), fixed.grid_noise, fixed.grid_ids, cfg.student.timesteps)
+            save_image_grid(grids[name], out / name / "student_grid.png", nrow=10, scale=2)
+            summary["arms"][name] = {"student": str(folder), **read_json(out / name / "summary.json")}
+        save_comparison(grids, out / "comparison.png", per_row=10)
+        if cfg.eval.report_samples > 0:
+            summary["report"] = write_detail_report(cfg, family, students, out)
+        summary["seconds"] = round(time.time() - t0, 1)
+        write_json(out / "summary.json", summary)
+    accelerator.end_training()
+    return summary
+
+
+def save_comparison(grids: dict[str, torch.Tensor], path: Path, per_row: int) -> None:
+    """The teacher's grid above each student's, same noises and labels (rows named in comparison.json)."""
+    rows = torch.cat([g[: per_row * (len(g) // per_row)] for g in grids.values()])
+    save_image_grid(rows, path, nrow=per_row, scale=3)
+    write_json(path.with_suffix(".json"), {"rows_per_set": {n: len(g) // per_row for n, g in grids.items()},
+                                           "order": list(grids)})
+
+
+def write_detail_report(cfg: DistillConfig, family: Family, students: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Sample `eval.report_samples` images from the teacher (multi-step) and each student with the same noises
+    and conditions, save them as .npz, and write the spectral report against real held-out data."""
+    from dmd_dar.image_io import save_images
+    from dmd_dar.spectral.report import write_report
+
+    n, K = cfg.eval.report_samples, len(cfg.student.timesteps)
+    g = step_generator(cfg.seed, 0, stream=2000)
+    noise, ids = torch.randn((n, *family.sample_shape), generator=g), torch.arange(n) % family.num_conditions
+    sets = {f"teacher_{cfg.eval.teacher_steps}step": teacher_images(family, cfg, noise, ids)}
+    for name, folder in students.items():
+        sets[f"student_{name}_{K}step"] = student_images(family, family.load_student(folder), noise, ids, cfg.student.timesteps)
+    for name, imgs in sets.items():
+        save_images(imgs, out / "samples" / f"{name}.npz")
+    if cfg.eval.reference:
+        reference, ref_name = load_dataset(cfg.eval.reference, split="heldout").images[:n], f"real_{cfg.eval.reference}"
+    else:
+        ref_name = next(iter(sets))
+        reference = sets.pop(ref_name)
+    write_report(reference, sets, out / "report", reference_name=ref_name,
+                 title=f"Spectral detail: teacher ({cfg.eval.teacher_steps}-step) vs {K}-step students")
+    return {"dir": str(out / "report"), "samples": n, "reference": ref_name}
