@@ -1,4 +1,5 @@
 """End-to-end DMD distillation on a tiny DiT teacher (offline, CPU)."""
+import csv
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ def tiny_config(tmp: Path, teacher: Path, **top) -> Path:
         "log_every": 1, "sample_every": 2, "checkpoint_every": 2,
         "student": {"routing": {"mode": "dar", "query": "static_t"}, "optim": {"lr": 1e-3, "beta1": 0.0}, "ema_decay": 0.9},
         "fake": {"updates_per_student_step": 2, "optim": {"lr": 1e-3, "beta1": 0.0}},
-        "eval": {"grid_images": 6, "teacher_steps": 2, "report_samples": 12, "reference": "", "hf_every": 2, "hf_batch": 6},
+        "eval": {"grid_images": 6, "teacher_steps": 2, "report_samples": 12, "reference": "", "every": 2, "batch": 6, "quality": False},
     }
     cfg.update(top)
     path = tmp / "config.yaml"
@@ -159,3 +160,51 @@ def test_two_processes_match_one_process(tmp_path):
     a, b = weights(tmp_path / "one" / "dar" / "student"), weights(tmp_path / "two" / "dar" / "student")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_monitor_flags_a_collapsing_run_and_exports_the_earliest_good_student(tmp_path, monkeypatch):
+    """A run made to collapse on purpose (from its second update on, the student is pushed to one constant
+    image): the monitor flags it in the log, and with eval.select the exported student is the state of the
+    only healthy evaluation, step 1, not the collapsed last one."""
+    import dmd_dar.dmd.losses as losses
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(tiny_config(tmp_path, teacher), [
+        "steps=6", "checkpoint_every=6", "eval.every=1", "eval.report_samples=0", "eval.select=hf_ratio_vs_teacher",
+        "student.ema_decay=0", "student.optim.lr=0.05", "student.optim.grad_clip=0"], DistillConfig)
+    real_loss, calls = losses.distribution_matching_loss, {"n": 0}
+
+    def collapsing(x, real, fake):
+        calls["n"] += 1
+        return real_loss(x, real, fake) if calls["n"] == 1 else ((x.float() - 1.0) ** 2).mean()
+
+    monkeypatch.setattr(losses, "distribution_matching_loss", collapsing)
+    summary = run_distillation(cfg)
+    with open(Path(cfg.out_dir) / "dar" / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    alerts = {int(r["step"]): float(r["alert"]) for r in log if r.get("alert")}
+    assert alerts[1] == 0.0 and alerts[6] == 1.0, alerts
+    assert float(log[-1]["alert_collapse"]) == 1.0 or float(log[-1]["alert_saturation"]) == 1.0
+    best = json.loads((Path(cfg.out_dir) / "dar" / "best.json").read_text())
+    assert best["step"] == 1 and summary["arms"]["dar"]["exported_step"] == 1
+    exported, kept = weights(Path(cfg.out_dir) / "dar" / "student"), weights(Path(cfg.out_dir) / "dar" / "best")
+    for k in exported:
+        torch.testing.assert_close(exported[k], kept[k], rtol=0, atol=0, msg=k)
+    last = weights(Path(cfg.out_dir) / "dar" / "checkpoints" / "step_00000006" / "student")
+    assert any(not torch.equal(exported[k], last[k]) for k in exported)
+
+
+def test_quality_of_an_mnist_shaped_run_is_monitored_and_reported(tmp_path):
+    """With eval.quality on a digit-shaped teacher, the monitor logs classifier FD / accuracy and the job ends
+    with the quality of the teacher's and the student's report samples (same noises and labels)."""
+    teacher = tiny_teacher(tmp_path / "teacher", input_size=32, patch_size=8, num_classes=10)
+    cfg = load_config(tiny_config(tmp_path, teacher), [
+        "steps=2", "eval.every=2", "eval.batch=8", "eval.quality=true", "eval.reference=mnist", "eval.select=fd",
+        "eval.report_samples=12"], DistillConfig)
+    summary = run_distillation(cfg)
+    header = (Path(cfg.out_dir) / "dar" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"fd", "accuracy", "precision", "recall", "alert", "diversity_vs_teacher"} <= set(header)
+    quality = json.loads((Path(cfg.out_dir) / "quality.json").read_text())
+    assert set(quality) == {"teacher_2step", "student_dar_1step"} == set(summary["report"]["quality"])
+    for q in quality.values():
+        assert q["space"] == "classifier" and q["n"] == 12 and 0 <= q["accuracy"] <= 1 and q["fd"] > 0

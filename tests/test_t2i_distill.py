@@ -41,7 +41,7 @@ def tiny_overrides(tmp: Path, vae: str) -> list[str]:
         "teacher=tiny", "t2i.tiny=true", f"t2i.vae={vae}", "t2i.resolution=64", "t2i.dtype=float32", "mixed_precision='no'",  # quoted: YAML reads a bare no as false
         f"t2i.prompts={write_prompts(tmp)}", f"t2i.embeddings_cache={tmp / 'prompts.safetensors'}", f"out_dir={tmp / 'run'}",
         "steps=2", "batch_size=2", "fake.updates_per_student_step=1", "log_every=1", "sample_every=2", "checkpoint_every=2",
-        "eval.grid_images=2", "eval.teacher_steps=2", "eval.hf_every=2", "eval.hf_batch=2", "eval.report_samples=0",
+        "eval.grid_images=2", "eval.teacher_steps=2", "eval.every=2", "eval.batch=2", "eval.quality=false", "eval.report_samples=0",
     ]
 
 

@@ -11,6 +11,9 @@ from dmd_dar.t2i import T2IConfig
 from dmd_dar.training import OptimConfig, mixed_precision_value
 
 BACKBONES = ("dit", "diffusers")
+# Metrics the monitor can select the exported student by, and whether higher is better.
+QUALITY_METRICS = {"fd": False, "fid": False, "kid": False, "accuracy": True, "precision": True, "recall": True}
+SELECTABLE = {**QUALITY_METRICS, "hf_ratio_vs_teacher": True}
 
 
 @dataclass
@@ -82,13 +85,20 @@ class EvalConfig:
     teacher_steps: int = 25
     report_samples: int = 1000  # 0: no spectral report at the end
     reference: str = "mnist"  # real held-out images for the report ("" = teacher samples as reference)
-    hf_every: int = 50
-    hf_batch: int = 64
+    # the training monitor (dmd_dar/dmd/monitor.py): every `every` steps, on a fixed batch of `batch` noises
+    every: int = 50
+    batch: int = 64
+    quality: bool = True  # classifier FD / accuracy / precision / recall on the batch (KID where no classifier applies)
+    select: str = ""  # metric that picks the exported student ("" = the last one), e.g. fd, kid, accuracy, recall
 
     def __post_init__(self):
         if self.teacher_sampler not in SAMPLERS:
             raise ConfigError(f"eval.teacher_sampler={self.teacher_sampler!r} is not one of {', '.join(SAMPLERS)}")
-        require_positive(self, "grid_images", "teacher_steps", "hf_every", "hf_batch", prefix="eval.")
+        if self.select and self.select not in SELECTABLE:
+            raise ConfigError(f"eval.select={self.select!r} is not one of {', '.join(SELECTABLE)} (or '' for the last student)")
+        if self.select in QUALITY_METRICS and not self.quality:
+            raise ConfigError(f"eval.select={self.select} needs eval.quality=true")
+        require_positive(self, "grid_images", "teacher_steps", "every", "batch", prefix="eval.")
         if self.report_samples < 0:
             raise ConfigError(f"eval.report_samples={self.report_samples} must be >= 0")
 

@@ -23,10 +23,10 @@ from dmd_dar.diffusion import few_step_sample
 from dmd_dar.dmd.config import DistillConfig
 from dmd_dar.dmd.family import Family, make_family
 from dmd_dar.dmd.method import DMD, FakeScore, Optimised, make_gan_head
+from dmd_dar.dmd.monitor import Best, Monitor
 from dmd_dar.errors import UserError
 from dmd_dar.grid import save_image_grid
 from dmd_dar.routing import RoutingConfig
-from dmd_dar.spectral import high_frequency_ratio
 from dmd_dar.training import (
     EMA,
     Cadence,
@@ -50,11 +50,12 @@ class EvalBatch:
     grid_ids: torch.Tensor
     probe_noise: torch.Tensor
     probe_ids: torch.Tensor
-    teacher_probe_hf_ratio: float
+    teacher_probe_images: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------- one arm
-def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_dir: Path, accelerator, fixed: EvalBatch) -> Path:
+def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_dir: Path, accelerator, fixed: EvalBatch,
+                monitor: Monitor) -> Path:
     """Distill one student; returns its exported model folder (run_dir/student)."""
     device = accelerator.device
     torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
@@ -114,19 +115,30 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
                                 meta={"skipped_steps": skipped, "routing": routing.to_dict()}, keep_last=cfg.keep_last)
         accelerator.wait_for_everyone()
 
-    def probe(done: int) -> dict[str, float]:
-        """The student's high-frequency share on the fixed probe batch, and that share over the teacher's."""
-        ratio = high_frequency_ratio(student_images(family, raw_student, fixed.probe_noise, fixed.probe_ids, cfg.student.timesteps))
-        return {"student_hf_ratio": ratio, "student_hf_ratio_vs_teacher": ratio / max(fixed.teacher_probe_hf_ratio, 1e-12)}
+    best_file, best_dir = run_dir / "best.json", run_dir / "best"
+    best = Best(**read_json(best_file)) if cfg.eval.select and best_file.is_file() and resumed.step else None
+
+    def evaluate(done: int) -> dict[str, float]:
+        """The monitor on the model that would be exported (the EMA when there is one); keeps the best state."""
+        nonlocal best
+        exported = ema.model if ema is not None else raw_student
+        metrics = monitor.measure(student_images(family, exported, fixed.probe_noise, fixed.probe_ids, cfg.student.timesteps))
+        if (line := monitor.describe(done, metrics)) is not None:
+            accelerator.print(line)
+        if monitor.improves(metrics, best):
+            best = Best(done, metrics[cfg.eval.select])
+            family.export(exported, best_dir)
+            write_json(best_file, {"step": best.step, "value": best.value})
+        return metrics
 
     def sample(done: int) -> None:
         imgs = student_images(family, raw_student, fixed.grid_noise, fixed.grid_ids, cfg.student.timesteps)
         save_image_grid(imgs, run_dir / "samples" / f"step_{done:08d}.png", nrow=10, scale=2)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every, eval_every=cfg.eval.hf_every)
+    cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every, eval_every=cfg.eval.every)
     skipped, seconds = run_loop(accelerator, f"distill[{run_dir.name}]", run_dir, cadence, method.train_step, save_checkpoint,
-                                resumed, cfg.max_bad_steps, ema=ema, model=raw_student, evaluate=probe, sample=sample,
+                                resumed, cfg.max_bad_steps, ema=ema, model=raw_student, evaluate=evaluate, sample=sample,
                                 progress=("dm_loss", "fake_loss"), log_prefix=f"{run_dir.name}/")
 
     final = run_dir / "student"
@@ -135,9 +147,13 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
         if accelerator.distributed_type == DistributedType.FSDP:  # raw_student holds shards: rebuild it whole
             raw_student = family.trainable(routing, cfg.student.lora_rank)
             raw_student.load_state_dict(export_state)
-        family.export(ema.model if ema is not None else raw_student, final)
-        write_json(run_dir / "summary.json", {"steps": cfg.steps, "skipped_steps": skipped,
-                                              "train_seconds": round(seconds, 1), "routing": routing.to_dict()})
+        if best is not None:  # eval.select: the best unflagged state, not the last one
+            family.export(family.load_student(best_dir), final)
+        else:
+            family.export(ema.model if ema is not None else raw_student, final)
+        write_json(run_dir / "summary.json", {"steps": cfg.steps, "skipped_steps": skipped, "train_seconds": round(seconds, 1),
+                                              "routing": routing.to_dict(), "exported_step": best.step if best else cfg.steps,
+                                              "selected_by": cfg.eval.select or "last"})
     accelerator.wait_for_everyone()
     return final
 
@@ -185,6 +201,13 @@ def check_resumable(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> N
                             "use another out_dir, or resume=false to start over there")
 
 
+def quality_reference(cfg: DistillConfig, teacher_images: torch.Tensor):
+    """What the monitor's quality is measured against: the real held-out set, or the teacher's probe samples."""
+    from dmd_dar.metrics.quality import load_reference
+
+    return load_reference(cfg.eval.reference if cfg.eval.reference else teacher_images)
+
+
 def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
     """The main job: distill each arm, then grids, samples and the spectral report. Returns the summary."""
     from accelerate import Accelerator
@@ -205,17 +228,19 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
 
     t0 = time.time()
     g = step_generator(cfg.seed, 0, stream=1000)
-    n_grid, n_probe = cfg.eval.grid_images, cfg.eval.hf_batch
+    n_grid, n_probe = cfg.eval.grid_images, cfg.eval.batch
     grid_noise = torch.randn((n_grid, *family.sample_shape), generator=g)
     probe_noise = torch.randn((n_probe, *family.sample_shape), generator=g)
     grid_ids, probe_ids = torch.arange(n_grid) % family.num_conditions, torch.arange(n_probe) % family.num_conditions
     teacher_grid = teacher_images(family, cfg, grid_noise, grid_ids)
-    fixed = EvalBatch(grid_noise, grid_ids, probe_noise, probe_ids,
-                      teacher_probe_hf_ratio=high_frequency_ratio(teacher_images(family, cfg, probe_noise, probe_ids)))
+    fixed = EvalBatch(grid_noise, grid_ids, probe_noise, probe_ids, teacher_images(family, cfg, probe_noise, probe_ids))
+    monitor = Monitor(cfg.eval, fixed.teacher_probe_images, labels=probe_ids if cfg.backbone == "dit" else None,
+                      reference=quality_reference(cfg, fixed.teacher_probe_images) if cfg.eval.quality else None)
     if accelerator.is_main_process:
         save_image_grid(teacher_grid, out / "teacher_grid.png", nrow=10, scale=2)
 
-    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed) for name, routing in routings.items()}
+    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed, monitor)
+                for name, routing in routings.items()}
     summary: dict[str, Any] = {"teacher": cfg.teacher, "arms": {}}
     if accelerator.is_main_process:
         grids = {"teacher": teacher_grid}
@@ -261,4 +286,24 @@ def write_detail_report(cfg: DistillConfig, family: Family, students: dict[str, 
         reference = sets.pop(ref_name)
     write_report(reference, sets, out / "report", reference_name=ref_name,
                  title=f"Spectral detail: teacher ({cfg.eval.teacher_steps}-step) vs {K}-step students")
-    return {"dir": str(out / "report"), "samples": n, "reference": ref_name}
+    summary = {"dir": str(out / "report"), "samples": n, "reference": ref_name}
+    if cfg.eval.quality:
+        summary["quality"] = final_quality(cfg, sets, ids if cfg.backbone == "dit" else None, reference)
+        write_json(out / "quality.json", summary["quality"])
+    return summary
+
+
+def final_quality(cfg: DistillConfig, sets: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                  reference: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """The quality of each set of the report (teacher and students, same noises and labels), one line each."""
+    from dmd_dar.metrics.quality import evaluate_quality, load_reference
+
+    ref = load_reference(cfg.eval.reference if cfg.eval.reference else reference)
+    out = {}
+    for name, images in sets.items():
+        q = out[name] = evaluate_quality(images, labels, ref)
+        shown = [f"FD {q['fd']:.2f}" if "fd" in q else f"FID {q['fid']:.2f}", f"floor {q['fd_floor']:.2f}" if "fd_floor" in q else "",
+                 f"accuracy {q['accuracy']:.3f}" if "accuracy" in q else "", f"precision {q['precision']:.3f}",
+                 f"recall {q['recall']:.3f}", f"KID {q['kid']:.4f}" if "kid" in q else ""]
+        print(f"quality[{name}]: {q['space']} space, n={q['n']}: " + ", ".join(x for x in shown if x))
+    return out

@@ -217,7 +217,7 @@ def main(argv=None) -> None:
         for i, name in enumerate(names):
             overrides = [f"teacher={teacher}", f"out_dir={workdir / f'run{i}'}", f"steps={args.steps}", "log_every=1",
                          f"sample_every={NEVER}", f"checkpoint_every={NEVER}", "resume=false", "eval.report_samples=0",
-                         f"eval.hf_every={NEVER}", "eval.grid_images=10", "eval.hf_batch=10", "eval.teacher_steps=2",
+                         f"eval.every={NEVER}", "eval.quality=false", "eval.grid_images=10", "eval.batch=10", "eval.teacher_steps=2",
                          *VARIANTS[name], *args.set]
             r = run_child(name, overrides, args, memory=False)
             mem_overrides = [o if not o.startswith("steps=") else f"steps={args.memory_steps}" for o in overrides]
