@@ -79,7 +79,8 @@ def summary_line(name: str, result: dict) -> str:
         parts.append(f"accuracy {result['accuracy']:.4f}")
     parts.append(f"precision {result['precision']:.3f} recall {result['recall']:.3f}")
     if "kid" in result:
-        parts.append(f"KID {result['kid']:.5f} ± {result['kid_std']:.5f}")
+        spread = f" ± {result['kid_std']:.5f}" if "kid_std" in result else ""
+        parts.append(f"KID {result['kid']:.5f}{spread}")
     parts.append(f"({result['seconds']:.1f} s)")
     return "  ".join(parts)
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {"path": path, **result}
         print(summary_line(name, result), flush=True)
     if args.out is not None:
-        accuracy = getattr(classifier, "record", {}).get("heldout_accuracy")
+        accuracy = classifier.record.get("heldout_accuracy")
         write_json(args.out, {
             "reference": reference.name,
             "classifier": {"folder": str(args.classifier or BUNDLED_CLASSIFIER), "heldout_accuracy": accuracy},

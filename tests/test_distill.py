@@ -208,3 +208,45 @@ def test_quality_of_an_mnist_shaped_run_is_monitored_and_reported(tmp_path):
     assert set(quality) == {"teacher_2step", "student_dar_1step"} == set(summary["report"]["quality"])
     for q in quality.values():
         assert q["space"] == "classifier" and q["n"] == 12 and 0 <= q["accuracy"] <= 1 and q["fd"] > 0
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["batch_size=0"], "batch_size"),
+        (["batch_size=-4"], "batch_size"),
+        (["steps=0"], "steps"),
+        (["checkpoint_every=0"], "checkpoint_every"),
+        (["student.optim.lr=-1"], "lr"),
+        (["student.optim.lr=1e39"], "lr"),
+        (["eval.teacher_steps=0"], "teacher_steps"),
+        (["eval.teacher_sampler=bogus"], "teacher_sampler"),
+        (["eval.reference=bogus"], "eval.reference"),
+        (["student.init=/nonexistent/student"], "student.init"),
+        (["out_dir={file}"], "not a folder"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, needle):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher)
+    (tmp_path / "a_file").write_text("mine")
+    override = [o.replace("{file}", str(tmp_path / "a_file")) for o in override]
+    res = run_cli(["scripts/distill.py", "--config", str(cfg), *override])
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_resuming_into_a_run_of_another_routing_is_refused_at_once(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher, steps=2, checkpoint_every=2)
+    first = run_cli(["scripts/distill.py", "--config", str(cfg), "eval.report_samples=0"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    res = run_cli(["scripts/distill.py", "--config", str(cfg), "eval.report_samples=0", "steps=4",
+                   "student.routing.query=dynamic"])
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "routing" in lines[0] and "resume=false" in lines[0], res.stderr[-2000:]
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before

@@ -92,7 +92,9 @@ def test_repa_with_the_offline_inception_encoder_trains(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [(["model.depht=3"], "depht"), (["data.dataset=/missing.npz"], "missing"),
-                                             (["repa.enabled=true", "repa.encoder=dinov2"], "encoder_path")])
+                                             (["repa.enabled=true", "repa.encoder=dinov2"], "encoder_path"),
+                                             (["batch_size=0"], "batch_size"), (["checkpoint_every=0"], "checkpoint_every"),
+                                             (["optim.lr=-1"], "lr"), (["sample.sampler=bogus"], "sampler")])
 def test_bad_input_exits_2_with_one_line(tmp_path, override, needle):
     res = subprocess.run([sys.executable, "scripts/train_teacher.py", "--config", str(tiny_config(tmp_path)), *override],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

@@ -7,6 +7,7 @@ same seeds and data order, and ends with one comparative spectral report.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 
 from dmd_dar.checkpoint import read_json, save_model, write_json
 from dmd_dar.config import save_config
-from dmd_dar.data import load_dataset
+from dmd_dar.data import DATASET_NAMES, load_dataset
 from dmd_dar.diffusion import few_step_sample
 from dmd_dar.dmd.config import DistillConfig
 from dmd_dar.dmd.family import Family, make_family
@@ -187,6 +188,23 @@ def teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids:
 
 
 # ------------------------------------------------------------------------------------------- the job
+def check_inputs(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None:
+    """Every input the run reads later, checked before anything is written: the output folder, the initial
+    student weights, the datasets named for the report and the GAN term, and the checkpoints to resume."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out_dir={out} exists and is not a folder; choose another out_dir")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={out}: {parent} is not writable; choose another out_dir")
+    if cfg.student.init and not (Path(cfg.student.init) / "model.safetensors").is_file():
+        raise UserError(f"student.init={cfg.student.init}: no model.safetensors there; pass a DiT folder (e.g. an earlier student)")
+    for key, name in (("eval.reference", cfg.eval.reference), ("gan.dataset", cfg.gan.dataset if cfg.gan.enabled else "")):
+        if name and name not in DATASET_NAMES and not Path(name).exists():
+            raise UserError(f"{key}={name!r} is neither a dataset name ({', '.join(DATASET_NAMES)}) nor an existing folder or .npz")
+    check_resumable(cfg, routings)
+
+
 def check_resumable(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None:
     """Refuse, before anything is written, to resume an arm whose checkpoint has another routing."""
     if not cfg.resume:
@@ -213,7 +231,7 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
     from accelerate import Accelerator
 
     routings = cfg.arm_routings()
-    check_resumable(cfg, routings)
+    check_inputs(cfg, routings)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=cfg.out_dir)
     family = make_family(cfg.backbone, cfg.teacher, accelerator.device, cfg.t2i)
     for name, routing in routings.items():

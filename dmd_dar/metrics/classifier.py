@@ -57,6 +57,7 @@ class DigitClassifier(nn.Module):
             "image_size": image_size,
             "dropout": dropout,
         }
+        self.record: dict[str, Any] = {}  # what config.json says beyond the architecture (accuracy, recipe)
         widths = (in_channels, *channels)
         self.blocks = nn.Sequential(*(_conv_block(a, b) for a, b in zip(widths[:-1], widths[1:])))
         self.feature = nn.Sequential(nn.Flatten(), nn.Linear(channels[-1] * side * side, feature_dim), nn.ReLU(inplace=True))
@@ -103,7 +104,7 @@ def _load_cached(folder: str, device: str) -> DigitClassifier:
     except RuntimeError as err:
         first_line = str(err).splitlines()[0]
         raise UserError(f"{folder}: weights do not match config.json ({first_line}); the folder is damaged") from None
-    model.record = {k: v for k, v in files.config.items() if k not in model.config}  # accuracy, training recipe
+    model.record = {k: v for k, v in files.config.items() if k not in model.config}
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval().to(device)

@@ -159,23 +159,26 @@ class _Precomputed(nn.Module):
 
 def kid_from_features(
     real_features: Tensor, fake_features: Tensor, subset_size: int = 1000, subsets: int = 100, seed: int = 0
-) -> tuple[float, float]:
-    """Unbiased KID (mean, std over `subsets` random subsets) with torchmetrics' KernelInceptionDistance
-    (cubic polynomial kernel) on precomputed features; subsets are capped at the smaller set's size."""
+) -> tuple[float, float | None]:
+    """Unbiased KID with torchmetrics' KernelInceptionDistance (cubic polynomial kernel) on precomputed
+    features: (mean, std) over `subsets` random subsets of `subset_size`. When a set is no larger than
+    `subset_size`, one subset of the smaller set's size is used and the std is None (every subset would
+    be the same set: its spread says nothing)."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, real_features.shape[0], fake_features.shape[0])
     if size < 2:
         raise UserError(f"KID needs at least 2 images per set, got {real_features.shape[0]} and {fake_features.shape[0]}")
+    resampled = size < max(real_features.shape[0], fake_features.shape[0])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features")  # we hand it features
-        metric = KernelInceptionDistance(feature=_Precomputed(), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_Precomputed(), subsets=subsets if resampled else 1, subset_size=size)
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global generator: seed them, leave it as it was
         torch.manual_seed(seed)
         mean, std = metric.compute()
-    return float(mean), float(std)
+    return float(mean), (float(std) if resampled else None)
 
 
 @functools.lru_cache(maxsize=2)
@@ -285,8 +288,8 @@ def evaluate_quality(
     - classifier space: fd, and against MNIST's held-out digits fd_floor (real-vs-real at the same n)
       and fd_to_floor (fd / fd_floor);
     - accuracy, where labels are given and the images are 1-channel 32x32 (in either space);
-    - inception space: fid, kid, kid_std;
-    - kid=True in the classifier space adds kid and kid_std (Inception features: slow on a CPU).
+    - inception space: fid, kid, and kid_std when KID resampled subsets (a set larger than its subsets);
+    - kid=True in the classifier space adds kid (and kid_std) (Inception features: slow on a CPU).
     `labels`: the class asked for, image by image (class-conditional samples). `reference`: see
     `load_reference`; named datasets are cached per process, so to reuse a path's or a tensor's features
     across calls, pass one `QualityReference`.
@@ -319,7 +322,9 @@ def evaluate_quality(
     if space == "inception" or kid:
         fake_inception = extract_features(images, _inception(device), device=device)
         real_inception = reference.inception_features(n, seed, device)
-        result["kid"], result["kid_std"] = kid_from_features(real_inception, fake_inception, seed=seed)
+        result["kid"], kid_std = kid_from_features(real_inception, fake_inception, seed=seed)
+        if kid_std is not None:
+            result["kid_std"] = kid_std
         if space == "inception":
             result["fid"] = frechet_distance(real_inception, fake_inception)
             result["precision"], result["recall"] = precision_recall(real_inception, fake_inception, k)
