@@ -250,3 +250,18 @@ def test_resuming_into_a_run_of_another_routing_is_refused_at_once(tmp_path):
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "routing" in lines[0] and "resume=false" in lines[0], res.stderr[-2000:]
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_router_lr_scale_slows_only_the_router(tmp_path):
+    """Adam moves each parameter by about lr per step: at router_lr_scale=1e-6 the router barely leaves its
+    zero initialisation (< 4 steps x 1e-9) while the rest of the student trains at full rate."""
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(tiny_config(tmp_path, teacher), ["eval.report_samples=0", "student.ema_decay=0",
+                                                       "student.router_lr_scale=1e-6"], DistillConfig)
+    run_distillation(cfg)
+    student = DiT.from_pretrained(Path(cfg.out_dir) / "dar" / "student")
+    start = DiT.from_pretrained(teacher, routing=student.routing)
+    assert float(student.router.query_static.abs().max()) < 1e-8
+    moved = [float((p - q).abs().max()) for (n, p), q in zip(student.named_parameters(), start.parameters())
+             if not n.startswith("router.")]
+    assert max(moved) > 1e-4

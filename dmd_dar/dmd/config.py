@@ -22,6 +22,7 @@ class StudentConfig:
     timesteps: list[float] = field(default_factory=lambda: [1.0])  # K-step: e.g. [1.0, 0.75, 0.5, 0.25]
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, beta1=0.0, beta2=0.999, grad_clip=10.0))
     ema_decay: float = 0.0  # 0 = no EMA
+    router_lr_scale: float = 1.0  # the router's own parameters (queries, key norms, t map) learn at lr x this
     lora_rank: int = 0  # > 0: LoRA (peft) on attention/MLP projections; the router stays fully trainable
     gradient_checkpointing: bool = False
     init: str | None = None  # start from these weights (a DiT folder, e.g. an earlier student), not the teacher's
@@ -33,6 +34,8 @@ class StudentConfig:
             raise ConfigError(f"student.{err}") from None
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"student.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not self.router_lr_scale > 0:
+            raise ConfigError(f"student.router_lr_scale={self.router_lr_scale} must be > 0")
 
 
 @dataclass

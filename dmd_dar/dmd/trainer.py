@@ -27,6 +27,7 @@ from dmd_dar.dmd.method import DMD, FakeScore, Optimised, make_gan_head
 from dmd_dar.dmd.monitor import Best, Monitor
 from dmd_dar.errors import UserError
 from dmd_dar.grid import save_image_grid
+from dmd_dar.models.lora import ROUTER_PREFIXES
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.training import (
     EMA,
@@ -68,7 +69,10 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     head = make_gan_head(family.feature_dim) if cfg.gan.enabled else None
     student_params = [p for p in student.parameters() if p.requires_grad]
     fake_params = [p for p in fake_model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    student_opt = make_optimizer(student_params, cfg.student.optim)
+    router = [p for name, p in student.named_parameters() if p.requires_grad and name.startswith(ROUTER_PREFIXES)]
+    others = [p for p in student_params if all(p is not q for q in router)]
+    groups = [{"params": others}, {"params": router, "lr": cfg.student.optim.lr * cfg.student.router_lr_scale}]
+    student_opt = make_optimizer([g for g in groups if g["params"]], cfg.student.optim)
     fake_opt = make_optimizer(fake_params, cfg.fake.optim)
     if cfg.student.ema_decay > 0 and accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("student.ema_decay > 0 is not supported under FSDP (the EMA copy would not be sharded); set 0")

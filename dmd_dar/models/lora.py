@@ -6,6 +6,9 @@ from torch import nn
 from dmd_dar.errors import UserError
 from dmd_dar.models.dit import DiT
 
+# Parameter names of the DAR routers (the image stream and, when routed, the text stream of an MM-DiT).
+ROUTER_PREFIXES = ("router.", "text_router.")
+
 # Attention projections of diffusers attention modules: q, k, v, out, and the added text projections of MM-DiTs.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 DIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]  # our DiT: attention and MLP projections of every block
@@ -62,7 +65,7 @@ def apply_lora(model: nn.Module, rank: int = 64, alpha: float | None = None, tar
                         target_modules=targets, init_lora_weights=True)
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or name.startswith(("router.", "text_router.")))
+        p.requires_grad_("lora_" in name or name.startswith(ROUTER_PREFIXES))
     return model
 
 
