@@ -154,6 +154,7 @@ def write_model_files(folder: str | os.PathLike, config: dict[str, Any], state_d
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME))
+    _make_public(folder / WEIGHTS_NAME, 0o666)  # safetensors writes 0600: give it the usual file permissions
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -107,3 +107,14 @@ def test_hub_offline_reads_the_hugging_face_switches(monkeypatch, env, offline):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert C.hub_offline() is offline
+
+
+def test_model_files_get_the_usual_permissions(tmp_path):
+    """safetensors writes its file 0600; a saved model is readable like any other file the user writes."""
+    import stat
+
+    C.save_model(tmp_path / "m", {"class": "x"}, {"w": torch.zeros(2)})
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (C.WEIGHTS_NAME, C.CONFIG_NAME):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o666 & ~mask, name
