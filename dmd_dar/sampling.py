@@ -29,7 +29,7 @@ from dmd_dar.diffusion import Denoiser, check_timesteps, few_step_sample, sample
 from dmd_dar.dmd.family import BUNDLED_TEACHER, DiTFamily, Family
 from dmd_dar.errors import UserError
 from dmd_dar.grid import save_image_grid
-from dmd_dar.image_io import save_images
+from dmd_dar.image_io import SAMPLES_FILE, save_images
 from dmd_dar.models import DiT
 from dmd_dar.models.architectures import TEXT_TO_IMAGE_CLASS_NAMES, architecture_of, architecture_of_class
 from dmd_dar.t2i import (
@@ -42,7 +42,7 @@ from dmd_dar.t2i import (
     resolve_dtype,
 )
 
-GRID_FILE, SAMPLES_FILE, META_FILE = "grid.png", "samples.npz", "sample.json"
+GRID_FILE, META_FILE = "grid.png", "sample.json"  # beside image_io.SAMPLES_FILE, which readers look for
 SAMPLE_FILES = (GRID_FILE, SAMPLES_FILE, META_FILE)
 
 
