@@ -41,6 +41,7 @@ from dmd_dar.t2i import (
     pipeline_text_encoder,
     resolve_dtype,
 )
+from dmd_dar.training import resolve_device
 
 GRID_FILE, META_FILE = "grid.png", "sample.json"  # beside image_io.SAMPLES_FILE, which readers look for
 SAMPLE_FILES = (GRID_FILE, SAMPLES_FILE, META_FILE)
@@ -72,15 +73,11 @@ class LoadedModel:
         return "DiT" if self.backbone == "dit" else architecture_of(self.model).class_name
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_sampler_model(folder: str | Path, device: str | torch.device | None = None, dtype: str = "float32") -> LoadedModel:
     """Load `folder`: "bundled" (the bundled DiT teacher), a DiT folder (model.safetensors + config.json, teacher or
     student), a DAR export of a diffusers student (routing.json, from save_dar_pretrained), or a stock diffusers
     transformer folder / pipeline root (config.json with a supported `_class_name`)."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     path = BUNDLED_TEACHER if str(folder) == "bundled" else Path(folder).expanduser()
     if not path.is_dir():
         hint = " (the bundled teacher is not installed: train one with scripts/train_teacher.py)" if str(folder) == "bundled" else ""

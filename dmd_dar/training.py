@@ -351,3 +351,19 @@ def run_loop(
         if cadence.due(done, cadence.checkpoint_every):
             save_checkpoint(done, skipped)
     return skipped, time.time() - t0
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device a user asked for, checked: None is CUDA when available, else the CPU; a device this machine
+    does not have is a user error, not a driver traceback at the first tensor moved there."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device {name!r} is not available on this machine ({torch.cuda.device_count()} CUDA devices); use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use cpu or cuda")
+    return device

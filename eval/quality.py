@@ -27,6 +27,7 @@ from dmd_dar.image_io import SAMPLES_FILE, load_images
 from dmd_dar.metrics.classifier import BUNDLED_CLASSIFIER, load_classifier
 from dmd_dar.metrics.quality import NEAREST_K, SPACES, check_labels, evaluate_quality, load_reference
 from dmd_dar.sampling import META_FILE
+from dmd_dar.training import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images of each set")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reference subsets and of KID's subsets")
     parser.add_argument("--classifier", default=None, help=f"classifier folder (default: {BUNDLED_CLASSIFIER.name} bundled)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser
 
 
@@ -88,6 +89,7 @@ def summary_line(name: str, result: dict) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.device = str(resolve_device(args.device))  # an unavailable device: one line, before any work
     if args.limit is not None and args.limit <= args.k:
         raise UserError(f"--limit must be more than --k ({args.k}), got {args.limit}")
     if args.k < 1:

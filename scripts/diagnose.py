@@ -20,6 +20,7 @@ from dmd_dar.dmd.family import BUNDLED_TEACHER, resolve_dit_teacher
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
 from dmd_dar.metrics.diagnostics import DEFAULT_T_POINTS, diagnose
 from dmd_dar.models import DiT
+from dmd_dar.training import resolve_device
 
 OUTPUT_FILES = frozenset({"diagnostics.json", "diagnostics_compare.json", "heatmaps.png", "depth_curves.png", "maps.png",
                           "maps_compare.png", "probe.png"})
@@ -211,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sublayers", help="routing/importance maps to keep, e.g. 1,6,12,final (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     args = parser.parse_args(argv)
+    args.device = str(resolve_device(args.device))  # an unavailable device: one line, before any work
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -151,3 +151,15 @@ def test_wrong_input_shape_is_a_clear_error():
     m = DiT(**SMALL)
     with pytest.raises(ValueError, match="expects"):
         m(torch.randn(2, 1, 16, 16), torch.rand(2), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("field,value,needle", [("hidden_size", "big", "hidden_size='big'"), ("wings", 2, "wings"),
+                                                ("qk_norm", 1, "qk_norm")])
+def test_a_damaged_config_json_is_one_user_error_naming_the_field(tmp_path, field, value, needle):
+    import json
+
+    DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(UserError, match=needle):
+        DiT.from_pretrained(tmp_path / "m")

@@ -151,3 +151,11 @@ def test_exported_diffusers_student_samples_from_cached_prompt_embeddings(tmp_pa
     with pytest.raises(UserError, match="not in the embedding cache"):
         sample_checkpoint(loaded, prompts=["a prompt nobody cached"], embeddings=str(tmp_path / "cache.safetensors"),
                           resolution=64, timesteps=[1.0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line_and_writes_nothing(tmp_path):
+    res = run_sample("bundled", "--labels", "all", "--n", 4, "--out", tmp_path / "s", "--device", "cuda")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "device 'cuda' is not available" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "s").exists()

@@ -10,6 +10,7 @@ reference implementations, on purpose:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -306,7 +307,7 @@ class DiT(nn.Module):
         if routing is not None:
             config["routing"] = RoutingConfig.from_dict(routing).to_dict()
         config.update(overrides)
-        model = cls(**config)
+        model = cls(**check_config_fields(config, cls, f"{folder}/config.json"))
         model.load_backbone_state(files.state_dict, source=str(folder))
         return model
 
@@ -323,3 +324,20 @@ class DiT(nn.Module):
                 f"shape mismatch {shape_mismatch[:4]}; check the model size/patch/channels in the config"
             )
         self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+
+
+def check_config_fields(config: dict, cls: type, source: str) -> dict:
+    """A model folder's config.json, checked against the constructor: unknown fields and values of the wrong type
+    (a number given as text, say) are one user error naming the field, not a traceback from deep inside."""
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(config) - set(params))
+    if unknown:
+        raise UserError(f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; the folder was not written "
+                        "by this version of dmd_dar, or the file was edited")
+    for name, value in config.items():
+        default = params[name].default
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if default is not None and isinstance(default, (bool, int, float, str)) and (
+                not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool)):
+            raise UserError(f"{source}: field {name}={value!r} should be a {type(default).__name__}")
+    return config
