@@ -195,3 +195,16 @@ def test_real_loading_path_local_folder_offline_errors_and_precomputed_cache(tmp
         x = torch.randn(1, 4, 8, 8)
         torch.testing.assert_close(family.denoiser(family.teacher())(x, torch.ones(1), family.conditions(torch.tensor([1]))),
                                    DiffusersDenoiser(model.eval())(x, torch.ones(1), encode([PROMPTS[1]])))
+
+
+def test_a_hub_teacher_offline_is_exactly_one_line_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "scripts/distill.py", "--config", "configs/dmd_sd3.yaml", f"out_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "not available offline" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@ the prompt-embedding cache of a run, and weight dtypes. Anything unavailable is 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def load_component(cls: type, source: str | os.PathLike, subfolder: str | None, 
     elif subfolder:
         options["subfolder"] = subfolder
     try:
-        return cls.from_pretrained(str(path) if local else source, **options)
+        with warnings.catch_warnings():  # diffusers passes a deprecated hub argument: not the user's concern
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return cls.from_pretrained(str(path) if local else source, **options)
     except Exception as err:  # huggingface_hub / diffusers raise many types for "not there"
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if not local:
