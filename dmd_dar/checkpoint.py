@@ -153,6 +153,10 @@ def write_model_files(folder: str | os.PathLike, config: dict[str, Any], state_d
 
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # never write a non-finite model anywhere: a NaN checkpoint or export only spreads the damage
+        raise UserError(f"refusing to write {folder.name}: non-finite weights in {', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}; the run diverged: lower the learning rate")
     save_file(tensors, str(folder / WEIGHTS_NAME))
     _make_public(folder / WEIGHTS_NAME, 0o666)  # safetensors writes 0600: give it the usual file permissions
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -197,3 +201,43 @@ def load_torch_state(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} not found: the checkpoint has no trainer state")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder`/.lock (holding our pid) while a run writes into `folder`: a second run into the same folder
+    is refused in one line naming the holder, instead of interleaving its files with the first run's. A lock
+    left by a killed run (its pid is gone) is taken over."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            if holder.isdigit() and _alive(int(holder)):
+                raise UserError(f"{folder} is in use by another run (pid {holder}); wait for it, or choose another out_dir") from None
+            lock.unlink(missing_ok=True)  # stale: its run was killed
+    else:
+        raise UserError(f"cannot take the lock {lock}; remove it if no run is using {folder}")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

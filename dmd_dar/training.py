@@ -168,12 +168,36 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+CHECKPOINT_FILES = ("meta.json", "trainer_state.pt")  # present in every complete checkpoint folder
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint: a step_XXXXXXXX folder holding all of CHECKPOINT_FILES. Folders are
+    renamed into place whole and renamed away before they are deleted, so a complete-looking partial one
+    cannot occur; the file check is the second line of defence."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
+    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and all((p / f).is_file() for f in CHECKPOINT_FILES))
     return steps[-1] if steps else None
+
+
+def clean_stale_checkpoints(run_dir: str | os.PathLike) -> list[str]:
+    """Remove what interrupted runs left in checkpoints/: the hidden temporary folders of unfinished writes,
+    replacements and deletions (`.step_*`), never a step_XXXXXXXX folder. Returns the names removed."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(p for p in root.iterdir() if p.name.startswith(".step_")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint crash-safely: rename it to a hidden name first (one atomic step, after which it is no
+    longer a checkpoint), then delete; a kill during the deletion leaves only a hidden folder for start-up to clean."""
+    trash = folder.with_name(f".{folder.name}.trash-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_run_checkpoint(
@@ -195,7 +219,7 @@ def save_run_checkpoint(
     root = final.parent
     done = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
     for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
 
 
@@ -239,6 +263,7 @@ def resume_run(run_dir: Path, modules: dict[str, nn.Module | None], states: dict
     """Load the latest complete checkpoint of `run_dir` into `modules` (one folder each) and into the objects
     with `load_state_dict` in `states` (optimisers, schedulers; from trainer_state.pt). Nothing to resume:
     Resumed(step=0)."""
+    clean_stale_checkpoints(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return Resumed()
@@ -321,7 +346,7 @@ def run_loop(
     Returns (skipped steps, seconds)."""
     main = accelerator.is_main_process
     logger = CSVLogger(run_dir / "log.csv", resume_step=resumed.step) if main else None
-    skipped, bad_in_a_row, t0 = resumed.skipped_steps, 0, time.time()
+    skipped, bad_in_a_row, good, t0 = resumed.skipped_steps, 0, 0, time.time()
     bar = tqdm(range(resumed.step, cadence.steps), initial=resumed.step, total=cadence.steps, desc=name, disable=not main)
     for step in bar:
         result = train_step(step)
@@ -333,7 +358,7 @@ def run_loop(
                     f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopped. Last good checkpoint: "
                     f"{latest_checkpoint(run_dir) or 'none'}. Lower the learning rates or check the data / teacher")
             continue
-        bad_in_a_row = 0
+        bad_in_a_row, good = 0, good + 1
         if ema is not None:
             ema.update(model)
         done, logs = step + 1, result.logs
@@ -350,6 +375,9 @@ def run_loop(
             sample(done)
         if cadence.due(done, cadence.checkpoint_every):
             save_checkpoint(done, skipped)
+    if good == 0 and cadence.steps > resumed.step:
+        raise TrainingDiverged(f"every one of the {cadence.steps - resumed.step} steps had a non-finite loss or gradient and "
+                               "was skipped: nothing was trained. Lower the learning rates or check the data / teacher")
     return skipped, time.time() - t0
 
 

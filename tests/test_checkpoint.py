@@ -118,3 +118,9 @@ def test_model_files_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     for name in (C.WEIGHTS_NAME, C.CONFIG_NAME):
         assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    with pytest.raises(C.UserError, match="non-finite weights in w"):
+        C.save_model(tmp_path / "m", {"class": "x"}, {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor([3])})
+    assert not (tmp_path / "m").exists() and not any(tmp_path.iterdir())

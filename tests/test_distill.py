@@ -265,3 +265,67 @@ def test_router_lr_scale_slows_only_the_router(tmp_path):
     moved = [float((p - q).abs().max()) for (n, p), q in zip(student.named_parameters(), start.parameters())
              if not n.startswith("router.")]
     assert max(moved) > 1e-4
+
+
+KILL_DURING_PRUNING = """
+import os, signal, sys
+from pathlib import Path
+import dmd_dar.training as training
+from dmd_dar.config import load_config
+from dmd_dar.dmd.config import DistillConfig
+from dmd_dar.dmd.trainer import run_distillation
+
+def dying_rmtree(path, ignore_errors=False):
+    files = sorted(Path(path).rglob("*.safetensors"))
+    files[0].unlink()  # the deletion has begun...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies in the middle of it
+
+training.shutil.rmtree = dying_rmtree
+run_distillation(load_config(sys.argv[1], sys.argv[2:], DistillConfig))
+"""
+
+
+def test_a_kill_during_checkpoint_pruning_resumes_to_the_same_student(tmp_path):
+    """SIGKILL while keep_last prunes an old checkpoint: the half-deleted folder is never taken for a checkpoint,
+    start-up removes it, and the resumed run ends with the uninterrupted run's student, bit for bit."""
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher, steps=4, checkpoint_every=1, keep_last=1)
+    common = ["eval.report_samples=0"]
+    whole = run_cli(["scripts/distill.py", "--config", str(cfg), f"out_dir={tmp_path / 'whole'}", *common])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run_cli(["-c", KILL_DURING_PRUNING, str(cfg), f"out_dir={tmp_path / 'killed'}", *common])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpts = tmp_path / "killed" / "dar" / "checkpoints"
+    assert any(p.name.startswith(".step_00000001.trash-") for p in ckpts.iterdir())  # killed mid-deletion
+    resumed = run_cli(["scripts/distill.py", "--config", str(cfg), f"out_dir={tmp_path / 'killed'}", *common])
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004"]
+    a, b = weights(tmp_path / "whole" / "dar" / "student"), weights(tmp_path / "killed" / "dar" / "student")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_run_whose_every_step_was_skipped_fails_and_exports_nothing(tmp_path, monkeypatch):
+    import dmd_dar.dmd.losses as losses
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(tiny_config(tmp_path, teacher), ["steps=3", "max_bad_steps=10", "eval.report_samples=0"], DistillConfig)
+    monkeypatch.setattr(losses, "distribution_matching_loss", lambda x, real, fake: x.float().mean() * float("nan"))
+    with pytest.raises(TrainingDiverged, match="nothing was trained"):
+        run_distillation(cfg)
+    assert not (Path(cfg.out_dir) / "dar" / "student").exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher, steps=1, checkpoint_every=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(f"{os.getpid()}\n")  # held by a live process: this test
+    res = run_cli(["scripts/distill.py", "--config", str(cfg), "eval.report_samples=0"])
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and f"in use by another run (pid {os.getpid()})" in lines[0], res.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    (tmp_path / "run" / ".lock").write_text("999999999\n")  # left by a killed run: taken over
+    res = run_cli(["scripts/distill.py", "--config", str(cfg), "eval.report_samples=0"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (tmp_path / "run" / ".lock").exists() and (tmp_path / "run" / "dar" / "student").is_dir()

@@ -112,3 +112,14 @@ def test_one_step_generator_moves_onto_the_mixture():
     nearest = torch.cdist(samples, MEANS).argmin(1)
     counts = torch.bincount(nearest, minlength=4).float() / len(samples)
     assert counts.min() > 0.1, counts
+
+
+def test_dm_loss_normaliser_floor_bounds_the_gradient_of_a_sample_equal_to_the_teacher():
+    from dmd_dar.dmd.losses import NORMALISER_FLOOR
+
+    x = torch.zeros(2, 8, requires_grad=True)
+    fake = torch.ones(2, 8)
+    distribution_matching_loss(x, x.detach().clone(), fake).backward()  # mean|x - real| = 0 for every sample
+    expected = fake / NORMALISER_FLOOR / x.numel()  # the floor, not 1 / 1e-12
+    torch.testing.assert_close(x.grad, expected)
+    assert float(x.grad.abs().max()) < 1e5

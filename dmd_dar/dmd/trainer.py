@@ -7,6 +7,7 @@ same seeds and data order, and ends with one comparative spectral report.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
-from dmd_dar.checkpoint import read_json, save_model, write_json
+from dmd_dar.checkpoint import read_json, run_lock, save_model, write_json
 from dmd_dar.config import save_config
 from dmd_dar.data import DATASET_NAMES, load_dataset
 from dmd_dar.diffusion import few_step_sample
@@ -243,8 +244,13 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
             accelerator.print(f"note: arm {name} uses chunk_size={routing.chunk_size} with summary='last': the student "
                               "does not start as the teacher's function (summary='sum' does)")
     out = Path(cfg.out_dir)
+    with run_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
+        return distill_all(cfg, accelerator, family, routings, out)
+
+
+def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[str, RoutingConfig], out: Path) -> dict[str, Any]:
+    """Everything `run_distillation` writes, under the run's lock."""
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         accelerator.init_trackers("tb")
 

@@ -21,8 +21,11 @@ re-entrant (CFG batch doubling, activation checkpointing, torch.compile, DDP).
 
 Sources are numbered 0..L: 0 is the embedding, i the raw output of sublayer i. Chunking (chunk_size=S)
 groups sublayers into chunks of S; a finished chunk n is read through a summary c_n: the output of its
-last sublayer (summary="last", the paper) or the sum of its outputs (summary="sum", AttnRes-style, which
-keeps a zero-initialised router equal to the residual model). c_0 is the embedding.
+last sublayer (summary="last", the paper) or the sum of its outputs (summary="sum", which keeps a
+zero-initialised router equal to the residual model). c_0 is the embedding. Within its own chunk a sublayer
+always reads each raw output separately. So "sum" equals Block AttnRes (which reads one running sum of the
+current block) only for chunk_size <= 2, where the two coincide; for larger chunks it is our own variant:
+finished chunks as sums, the open chunk output by output.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ class RoutingConfig:
     mode: "residual" (plain h = h + v) or "dar".
     query: "static" (q_l = w_l), "static_t" (q_l = w_l + e(t)), "dynamic" (q_l = W_q^(l) v_{l-1}).
     chunk_size: 1 = dense (every sublayer reads every earlier output), S > 1 = chunked.
-    summary: how a finished chunk is seen by later sublayers: "last" (paper) or "sum" (AttnRes).
+    summary: how a finished chunk is seen by later sublayers: "last" (paper) or "sum" (finished chunks as the sums of their
+        outputs; Block AttnRes for chunk_size <= 2 only, see the module docstring).
     final_aggregator: the head reads through its own aggregator; False reuses the last sublayer's
         query and key norm (the paper's REPA variant).
     backend: aggregation implementation: "auto" (fused kernel on CUDA), "torch", "triton".
