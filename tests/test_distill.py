@@ -204,6 +204,7 @@ def test_quality_of_an_mnist_shaped_run_is_monitored_and_reported(tmp_path):
     summary = run_distillation(cfg)
     header = (Path(cfg.out_dir) / "dar" / "log.csv").read_text().splitlines()[0].split(",")
     assert {"fd", "accuracy", "precision", "recall", "alert", "diversity_vs_teacher"} <= set(header)
+    assert (Path(cfg.out_dir) / "monitor.png").stat().st_size > 1000  # the monitored metrics against the step
     quality = json.loads((Path(cfg.out_dir) / "quality.json").read_text())
     assert set(quality) == {"teacher_2step", "student_dar_1step"} == set(summary["report"]["quality"])
     for q in quality.values():

@@ -11,16 +11,19 @@ exported (the EMA when there is one):
 A step is flagged (`alert` = 1 in the log, and one printed line) on collapse (diversity under half the
 teacher's), saturation (saturated share 0.2 above the teacher's, or mean drift over 0.25) or a non-finite
 sample. `eval.select` keeps the best unflagged state by one metric (`best/`, `best.json`), which the run then
-exports as its student.
+exports as its student. `plot_monitor` draws each metric against the step (`monitor.png` of the run).
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dmd_dar.checkpoint import atomic_write_bytes
 from dmd_dar.dmd.config import SELECTABLE, EvalConfig
 from dmd_dar.spectral import high_frequency_ratio
 
@@ -93,3 +96,41 @@ class Monitor:
         if best is None:
             return True
         return value > best.value if SELECTABLE[name] else value < best.value
+
+
+PLOTTED = ("fd", "kid", "accuracy", "recall", "diversity_vs_teacher", "pixel_mean_drift", "saturated_share", "hf_ratio_vs_teacher")
+
+
+def plot_monitor(logs: dict[str, Path], path: Path) -> Path | None:
+    """One panel per monitored metric against the step, one line per arm (from each arm's log.csv), flagged
+    evaluations marked; written atomically as a PNG. None when no arm logged a monitored metric."""
+    import csv
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series: dict[str, dict[str, list[tuple[int, float, bool]]]] = {}
+    for arm, log in logs.items():
+        with open(log) as f:
+            for row in csv.DictReader(f):
+                for name in PLOTTED:
+                    if row.get(name) not in (None, ""):
+                        series.setdefault(name, {}).setdefault(arm, []).append(
+                            (int(row["step"]), float(row[name]), row.get("alert") == "1.0"))
+    if not series:
+        return None
+    fig = Figure(figsize=(3.2 * len(series), 2.8), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, (name, arms) in zip(fig.subplots(1, len(series), squeeze=False)[0], series.items()):
+        for arm, points in arms.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=arm)
+            flagged = [p for p in points if p[2]]
+            ax.scatter([p[0] for p in flagged], [p[1] for p in flagged], color="red", marker="x", zorder=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())

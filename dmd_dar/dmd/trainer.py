@@ -25,7 +25,7 @@ from dmd_dar.diffusion import few_step_sample
 from dmd_dar.dmd.config import DistillConfig
 from dmd_dar.dmd.family import Family, make_family
 from dmd_dar.dmd.method import DMD, FakeScore, Optimised, make_gan_head
-from dmd_dar.dmd.monitor import Best, Monitor
+from dmd_dar.dmd.monitor import Best, Monitor, plot_monitor
 from dmd_dar.errors import UserError
 from dmd_dar.grid import save_image_grid
 from dmd_dar.models.lora import ROUTER_PREFIXES
@@ -277,6 +277,7 @@ def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[
             save_image_grid(grids[name], out / name / "student_grid.png", nrow=10, scale=2)
             summary["arms"][name] = {"student": str(folder), **read_json(out / name / "summary.json")}
         save_comparison(grids, out / "comparison.png", per_row=10)
+        plot_monitor({name: out / name / "log.csv" for name in students}, out / "monitor.png")
         if cfg.eval.report_samples > 0:
             summary["report"] = write_detail_report(cfg, family, students, out)
         summary["seconds"] = round(time.time() - t0, 1)
