@@ -4,12 +4,13 @@ Entry point: `scripts/train_teacher.py --config configs/<name>.yaml [key=value .
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dmd_dar.checkpoint import write_json
+from dmd_dar.checkpoint import run_lock, write_json
 from dmd_dar.config import require_positive, save_config, to_dict
 from dmd_dar.data import load_dataset
 from dmd_dar.diffusion import SAMPLERS, T_SAMPLER_KINDS, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample, sample_t
@@ -166,58 +167,59 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     raw_model = accelerator.unwrap_model(model)
     params = list(model.parameters())
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("tb")
-
-    fixed = step_generator(cfg.seed, 0, stream=99)
-    grid_noise = torch.randn((cfg.sample.num_images, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size), generator=fixed)
-    grid_labels = sample_grid_labels(cfg.sample.num_images, cfg.model.num_classes)
-
-    def train_step(step: int) -> StepResult:
-        g = step_generator(cfg.seed, step)
-        idx = batch_indices(step, cfg.batch_size, len(images), cfg.seed)[local]
-        x0 = images[idx].to(device)
-        y = raw_model.drop_labels(labels[idx], generator=g).to(device)
-        noise = torch.randn((cfg.batch_size, *images.shape[1:]), generator=g)[local].to(device)
-        t = sample_t(cfg.batch_size, kind=cfg.t_sampler, generator=g)[local].to(device)
-        with accelerator.autocast():
-            loss, output = flow_matching_loss(lambda x_t, t_, y_: model(x_t, t_, y_, return_repa=encoder is not None),
-                                              x0, noise, t, y, return_output=True)
-        logs = {"loss": loss.detach()}
-        if encoder is not None:
-            with torch.no_grad():
-                target = encoder(x0)
-            align = repa_loss(output.repa_features.float(), target)
-            logs["repa_loss"] = align.detach()
-            loss = loss + cfg.repa.coefficient * align
-        ok, logs["grad_norm"] = guarded_update(accelerator, loss, params, optimizer, cfg.optim.grad_clip)
-        if ok:
-            scheduler.step()
-        logs["lr"] = scheduler.get_last_lr()[0]
-        return StepResult(logs, ok)
-
-    def save_checkpoint(step: int, skipped: int) -> None:
+    with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
-            save_run_checkpoint(
-                out, step,
-                models={"model": raw_model.save_pretrained, "ema": ema.model.save_pretrained},
-                trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                meta={"config": to_dict(cfg), "skipped_steps": skipped}, keep_last=cfg.keep_last,
-            )
-        accelerator.wait_for_everyone()
+            stack.enter_context(run_lock(out))  # a second run into the same out_dir is refused, not interleaved
+            save_config(cfg, out / "config.yaml")
+            accelerator.init_trackers("tb")
 
-    def save_samples(step: int) -> None:
-        imgs = sample_teacher(ema.model, grid_noise.to(device), grid_labels.to(device), cfg.sample)
-        save_image_grid(imgs, out / "samples" / f"step_{step:08d}.png", nrow=10, scale=2)
+        fixed = step_generator(cfg.seed, 0, stream=99)
+        grid_noise = torch.randn((cfg.sample.num_images, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size), generator=fixed)
+        grid_labels = sample_grid_labels(cfg.sample.num_images, cfg.model.num_classes)
 
-    cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every)
-    _, seconds = run_loop(accelerator, "teacher", out, cadence, train_step, save_checkpoint, resumed, cfg.max_bad_steps,
-                          ema=ema, model=raw_model, sample=save_samples, progress=("loss",))
-    final = out / "teacher"
-    if accelerator.is_main_process:
-        ema.model.save_pretrained(final)
-        write_json(out / "summary.json", {"steps": cfg.steps, "train_seconds": round(seconds, 1), "teacher": str(final)})
-    accelerator.end_training()
-    return final
+        def train_step(step: int) -> StepResult:
+            g = step_generator(cfg.seed, step)
+            idx = batch_indices(step, cfg.batch_size, len(images), cfg.seed)[local]
+            x0 = images[idx].to(device)
+            y = raw_model.drop_labels(labels[idx], generator=g).to(device)
+            noise = torch.randn((cfg.batch_size, *images.shape[1:]), generator=g)[local].to(device)
+            t = sample_t(cfg.batch_size, kind=cfg.t_sampler, generator=g)[local].to(device)
+            with accelerator.autocast():
+                loss, output = flow_matching_loss(lambda x_t, t_, y_: model(x_t, t_, y_, return_repa=encoder is not None),
+                                                  x0, noise, t, y, return_output=True)
+            logs = {"loss": loss.detach()}
+            if encoder is not None:
+                with torch.no_grad():
+                    target = encoder(x0)
+                align = repa_loss(output.repa_features.float(), target)
+                logs["repa_loss"] = align.detach()
+                loss = loss + cfg.repa.coefficient * align
+            ok, logs["grad_norm"] = guarded_update(accelerator, loss, params, optimizer, cfg.optim.grad_clip)
+            if ok:
+                scheduler.step()
+            logs["lr"] = scheduler.get_last_lr()[0]
+            return StepResult(logs, ok)
+
+        def save_checkpoint(step: int, skipped: int) -> None:
+            if accelerator.is_main_process:
+                save_run_checkpoint(
+                    out, step,
+                    models={"model": raw_model.save_pretrained, "ema": ema.model.save_pretrained},
+                    trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                    meta={"config": to_dict(cfg), "skipped_steps": skipped}, keep_last=cfg.keep_last,
+                )
+            accelerator.wait_for_everyone()
+
+        def save_samples(step: int) -> None:
+            imgs = sample_teacher(ema.model, grid_noise.to(device), grid_labels.to(device), cfg.sample)
+            save_image_grid(imgs, out / "samples" / f"step_{step:08d}.png", nrow=10, scale=2)
+
+        cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every)
+        _, seconds = run_loop(accelerator, "teacher", out, cadence, train_step, save_checkpoint, resumed, cfg.max_bad_steps,
+                              ema=ema, model=raw_model, sample=save_samples, progress=("loss",))
+        final = out / "teacher"
+        if accelerator.is_main_process:
+            ema.model.save_pretrained(final)
+            write_json(out / "summary.json", {"steps": cfg.steps, "train_seconds": round(seconds, 1), "teacher": str(final)})
+        accelerator.end_training()
+        return final
