@@ -330,3 +330,17 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path
     res = run_cli(["scripts/distill.py", "--config", str(cfg), "eval.report_samples=0"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert not (tmp_path / "run" / ".lock").exists() and (tmp_path / "run" / "dar" / "student").is_dir()
+
+
+def test_a_teacher_with_non_finite_weights_is_named_and_nothing_is_written(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    state = load_file(str(teacher / "model.safetensors"))
+    name = next(k for k in state if k.endswith("weight"))
+    state[name][0] = float("nan")
+    save_file(state, str(teacher / "model.safetensors"))  # written around our writer, which would refuse it
+    res = run_cli(["scripts/distill.py", "--config", str(tiny_config(tmp_path, teacher))])
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and f"teacher {teacher} has non-finite weights" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -73,6 +73,10 @@ class DiTFamily:
     def __init__(self, teacher: str | Path | DiT, device: torch.device):
         self.device = device
         model = teacher if isinstance(teacher, DiT) else DiT.from_pretrained(resolve_dit_teacher(str(teacher)))
+        bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(f"teacher {teacher if not isinstance(teacher, DiT) else 'model'} has non-finite weights "
+                            f"({', '.join(bad[:3])}): its training diverged; use another checkpoint")
         self._teacher = model.to(device).eval().requires_grad_(False)
         self.sample_shape = (model.in_channels, model.input_size, model.input_size)
         self.num_conditions = model.num_classes
