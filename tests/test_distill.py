@@ -52,6 +52,12 @@ def run_cli(args, **env):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600)
 
 
+def assert_one_line_error(res, needle: str) -> None:
+    """Exit status 2 and exactly one `error:` line on stderr, naming `needle`."""
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
+
+
 def weights(folder: Path) -> dict:
     return load_model_files(folder).state_dict
 
@@ -136,10 +142,7 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, override, needle):
     other = tiny_teacher(tmp_path / "other", hidden_size=64)
     cfg = tiny_config(tmp_path, teacher)
     override = [o.replace("{mismatch}", str(other)) for o in override]
-    res = run_cli(["scripts/distill.py", "--config", str(cfg), *override])
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
+    assert_one_line_error(run_cli(["scripts/distill.py", "--config", str(cfg), *override]), needle)
     assert not (tmp_path / "run" / "dar" / "student").exists()
 
 
@@ -232,10 +235,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, nee
     cfg = tiny_config(tmp_path, teacher)
     (tmp_path / "a_file").write_text("mine")
     override = [o.replace("{file}", str(tmp_path / "a_file")) for o in override]
-    res = run_cli(["scripts/distill.py", "--config", str(cfg), *override])
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
+    assert_one_line_error(run_cli(["scripts/distill.py", "--config", str(cfg), *override]), needle)
     assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "mine"
 
 

@@ -68,10 +68,11 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     student.gradient_checkpointing = cfg.student.gradient_checkpointing
     fake_model = family.trainable(cfg.fake.routing, cfg.fake.lora_rank)
     head = make_gan_head(family.feature_dim) if cfg.gan.enabled else None
-    student_params = [p for p in student.parameters() if p.requires_grad]
+    trained = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    student_params = [p for _, p in trained]
     fake_params = [p for p in fake_model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    router = [p for name, p in student.named_parameters() if p.requires_grad and name.startswith(ROUTER_PREFIXES)]
-    others = [p for p in student_params if all(p is not q for q in router)]
+    router = [p for name, p in trained if name.startswith(ROUTER_PREFIXES)]
+    others = [p for name, p in trained if not name.startswith(ROUTER_PREFIXES)]
     groups = [{"params": others}, {"params": router, "lr": cfg.student.optim.lr * cfg.student.router_lr_scale}]
     student_opt = make_optimizer([g for g in groups if g["params"]], cfg.student.optim)
     fake_opt = make_optimizer(fake_params, cfg.fake.optim)
