@@ -23,6 +23,7 @@ from dmd_dar.errors import UserError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+BUNDLED_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"  # what a teacher of "bundled" means
 # Environment variables that switch the Hugging Face libraries offline, in the order huggingface_hub reads them.
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
 

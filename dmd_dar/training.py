@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import math
 import os
 import re
 import shutil
@@ -70,8 +71,25 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int = 0, final_ratio: float = 0.1) -> Callable[[int], float]:
+    """The learning-rate factor at each update (for LambdaLR): a linear warm-up over `warmup_steps`, then
+    constant, or a cosine from 1 down to `final_ratio` at `total_steps`. A pure function of the update count and
+    the config, so a resumed run (even with a longer `steps`) follows the schedule of its config."""
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"learning-rate schedule {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

@@ -101,3 +101,60 @@ def test_bad_input_exits_2_with_one_line(tmp_path, override, needle):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_cosine_schedule_known_values():
+    from dmd_dar.training import lr_lambda
+
+    f = lr_lambda(10, "cosine", 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)  # past the end it stays at the floor
+    assert f(35) > f(60) > f(85)  # monotone decay after the warm-up
+    assert lr_lambda(0, "constant")(1234) == 1.0
+
+
+def test_quality_curve_and_schedule_are_logged(tmp_path):
+    cfg_path = tiny_config(tmp_path, lr_schedule="cosine", lr_final_ratio=0.25,
+                           quality={"every": 2, "samples": 8, "steps": 2})
+    cfg = load_config(cfg_path, ["data.heldout_fraction=0.25"], TeacherTrainConfig)
+    train_teacher(cfg)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "quality.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(float(r["quality_fid"]) > 0 and 0 <= float(r["quality_recall"]) <= 1 for r in rows)  # Inception: not MNIST
+    log = {int(r["step"]): r for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))}
+    assert float(log[4]["quality_fid"]) == pytest.approx(float(rows[1]["quality_fid"]))
+    assert float(log[6]["lr"]) == pytest.approx(1e-3 * 0.25)  # the cosine ends at lr_final_ratio * lr
+
+
+def test_init_starts_from_a_folder_of_the_same_architecture(tmp_path):
+    from dmd_dar.models import DiT
+    from dmd_dar.teacher.training import load_init_weights
+
+    cfg = load_config(tiny_config(tmp_path), [], TeacherTrainConfig)
+    source = cfg.model.build()
+    torch.nn.init.normal_(source.final_layer.linear.weight)  # not the zero init a fresh model has
+    source.save_pretrained(tmp_path / "init")
+    model = cfg.model.build()
+    load_init_weights(model, str(tmp_path / "init"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    wider = load_config(tiny_config(tmp_path), ["model.hidden_size=48"], TeacherTrainConfig).model.build()
+    with pytest.raises(UserError, match="hidden_size"):
+        load_init_weights(wider, str(tmp_path / "init"))
+    with pytest.raises(UserError, match="not a DiT folder"):
+        load_init_weights(model, str(tmp_path / "missing"))
+    bundled = load_config(REPO / "configs" / "teacher_mnist.yaml", [], TeacherTrainConfig).model.build()
+    load_init_weights(bundled, "bundled")
+    assert DiT.from_pretrained(REPO / "dmd_dar" / "assets" / "teacher").config == bundled.config
+
+
+@pytest.mark.parametrize("override,needle", [(["lr_schedule=linear"], "lr_schedule"), (["quality.samples=2"], "quality.samples"),
+                                             (["quality.samples=8", "quality.every=3"], "multiple of log_every"),
+                                             (["lr_final_ratio=2"], "lr_final_ratio")])
+def test_schedule_and_curve_settings_are_validated(tmp_path, override, needle):
+    from dmd_dar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tiny_config(tmp_path), override, TeacherTrainConfig)

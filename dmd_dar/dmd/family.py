@@ -14,15 +14,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dmd_dar.checkpoint import load_model_files
+from dmd_dar.checkpoint import BUNDLED_TEACHER, load_model_files
 from dmd_dar.diffusion import Denoiser, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample
 from dmd_dar.errors import UserError
 from dmd_dar.models import DiT
 from dmd_dar.models.lora import apply_lora, merge_lora
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.t2i.latents import latent_preview
-
-BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "teacher"
 
 
 class Family(Protocol):

@@ -5,12 +5,14 @@ Entry point: `scripts/train_teacher.py --config configs/<name>.yaml [key=value .
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dmd_dar.checkpoint import run_lock, write_json
+from dmd_dar.checkpoint import BUNDLED_TEACHER, run_lock, write_json
 from dmd_dar.config import require_positive, save_config, to_dict
 from dmd_dar.data import load_dataset
 from dmd_dar.diffusion import SAMPLERS, T_SAMPLER_KINDS, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample, sample_t
@@ -21,20 +23,22 @@ from dmd_dar.routing import RoutingConfig
 from dmd_dar.teacher.repa import repa_loss
 from dmd_dar.training import (
     EMA,
+    LR_SCHEDULES,
     Cadence,
+    CSVLogger,
     OptimConfig,
     Resumed,
     StepResult,
     batch_indices,
     guarded_update,
     local_slice,
+    lr_lambda,
     make_optimizer,
     mixed_precision_value,
     resume_run,
     run_loop,
     save_run_checkpoint,
     step_generator,
-    warmup_lambda,
 )
 
 
@@ -87,6 +91,18 @@ class SampleConfig:
 
 
 @dataclass
+class QualityCurveConfig:
+    """The EMA teacher's quality against the training step (quality.csv, log.csv, tensorboard): fixed noises and
+    balanced labels, sampled with the `sample` settings, scored by `dmd_dar.metrics.quality.evaluate_quality`
+    against the dataset's held-out split (classifier FD and its real-vs-real floor on MNIST, Inception FID
+    otherwise). 0 samples: off."""
+
+    every: int = 2000
+    samples: int = 0
+    steps: int | None = None  # sampler steps for the curve (fewer than `sample.steps` keeps it cheap); None: sample.steps
+
+
+@dataclass
 class TeacherTrainConfig:
     seed: int = 0
     out_dir: str = "runs/teacher"
@@ -105,6 +121,10 @@ class TeacherTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after the warm-up, down to lr_final_ratio * lr at `steps`)
+    lr_final_ratio: float = 0.1
+    init: str | None = None  # start model and EMA from this DiT folder ("bundled": the bundled teacher); None: random
+    quality: QualityCurveConfig = field(default_factory=QualityCurveConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -116,6 +136,18 @@ class TeacherTrainConfig:
         if self.sample.sampler not in SAMPLERS:
             raise ConfigError(f"sample.sampler={self.sample.sampler!r} is not one of {', '.join(SAMPLERS)}")
         require_positive(self.sample, "steps", "num_images", prefix="sample.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.lr_final_ratio <= 1:
+            raise ConfigError(f"lr_final_ratio={self.lr_final_ratio} must be in [0, 1]")
+        if self.quality.samples < 0 or (self.quality.samples and self.quality.samples <= 3):
+            raise ConfigError(f"quality.samples={self.quality.samples} must be 0 (off) or more than 3 (k-NN recall)")
+        if self.quality.samples:
+            require_positive(self.quality, "every", prefix="quality.")
+            if self.quality.steps is not None:
+                require_positive(self.quality, "steps", prefix="quality.")
+            if self.quality.every % self.log_every:
+                raise ConfigError(f"quality.every={self.quality.every} must be a multiple of log_every={self.log_every}")
 
 
 def sample_grid_labels(num_images: int, num_classes: int) -> torch.Tensor:
@@ -126,6 +158,50 @@ def sample_grid_labels(num_images: int, num_classes: int) -> torch.Tensor:
 def sample_teacher(model: DiT, noise: torch.Tensor, labels: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
     denoiser = cfg_denoiser(VelocityDenoiser(model), cfg.cfg_scale, model.null_class)
     return sample(denoiser, noise, labels, sampler=cfg.sampler, steps=cfg.steps).clamp(-1, 1)
+
+
+def load_init_weights(model: DiT, init: str) -> None:
+    """Start from the weights of a DiT folder of the same architecture (e.g. to continue training the bundled
+    teacher with a new schedule: the optimiser state starts afresh)."""
+    folder = BUNDLED_TEACHER if init == "bundled" else Path(init)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"init={init}: {folder} is not a DiT folder (no config.json); pass a teacher folder or 'bundled'")
+    source = DiT.from_pretrained(folder)
+    if source.config != model.config:
+        diff = sorted(k for k in set(source.config) | set(model.config) if source.config.get(k) != model.config.get(k))
+        raise UserError(f"init={init}: its architecture differs from `model` in {', '.join(diff)}; "
+                        "set model.* to match it or drop init")
+    model.load_state_dict(source.state_dict())
+
+
+def quality_curve(cfg: TeacherTrainConfig, device) -> Callable[[DiT], dict[str, float]]:
+    """A function scoring an EMA teacher on fixed noises and balanced labels (see QualityCurveConfig)."""
+    from dmd_dar.metrics.quality import QualityReference, evaluate_quality, load_reference
+
+    # the held-out split the teacher never saw (MNIST's official one, with its real-vs-real floor); features computed once
+    if str(cfg.data.dataset).lower() == "mnist":
+        reference = load_reference("mnist", split="heldout")
+    else:
+        heldout = load_dataset(cfg.data.dataset, split="heldout", image_size=cfg.data.image_size,
+                               heldout_fraction=cfg.data.heldout_fraction, seed=cfg.seed)
+        reference = QualityReference(heldout.images, f"{cfg.data.dataset}/heldout")
+    n, shape = cfg.quality.samples, (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    noise = torch.randn((n, *shape), generator=step_generator(cfg.seed, 0, stream=98))
+    labels = sample_grid_labels(n, cfg.model.num_classes) if cfg.model.num_classes else torch.zeros(n, dtype=torch.long)
+    conditional = cfg.model.num_classes > 0 and str(cfg.data.dataset).lower() == "mnist"  # class accuracy: MNIST's classifier
+    sampling = dataclasses.replace(cfg.sample, steps=cfg.quality.steps or cfg.sample.steps)
+
+    def score(model: DiT) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        images = torch.cat([sample_teacher(model, noise[i:i + 250].to(device), labels[i:i + 250].to(device), sampling).cpu()
+                            for i in range(0, n, 250)])
+        model.train(was_training)
+        result = evaluate_quality(images, labels if conditional else None, reference, seed=cfg.seed, device=device)
+        keys = ("fd", "fd_to_floor", "fid", "kid", "accuracy", "precision", "recall")
+        return {f"quality_{k}": float(result[k]) for k in keys if k in result}
+
+    return score
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> Path:
@@ -152,10 +228,14 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         encoder = load_repa_encoder(cfg.repa.encoder, cfg.repa.encoder_path).to(device)
     torch.manual_seed(cfg.seed)  # model init is the only draw from the global RNG
     model = cfg.model.build(repa_depth=cfg.repa.depth if encoder else None, repa_dim=encoder.dim if encoder else None)
+    if cfg.init is not None:
+        load_init_weights(model, cfg.init)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     ema = EMA(model, cfg.ema_decay)
     optimizer = make_optimizer(model.parameters(), cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.lr_schedule, cfg.steps, cfg.lr_final_ratio))
+    quality = quality_curve(cfg, device) if cfg.quality.samples and accelerator.is_main_process else None
 
     resumed = (resume_run(out, {"model": model, "ema": ema.model}, {"optimizer": optimizer, "scheduler": scheduler})
                if cfg.resume else Resumed())
@@ -214,9 +294,19 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
             imgs = sample_teacher(ema.model, grid_noise.to(device), grid_labels.to(device), cfg.sample)
             save_image_grid(imgs, out / "samples" / f"step_{step:08d}.png", nrow=10, scale=2)
 
-        cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every)
+        cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every,
+                          eval_every=cfg.quality.every if cfg.quality.samples else 0)
+        curve = CSVLogger(out / "quality.csv", resume_step=resumed.step) if quality else None
+
+        def evaluate(step: int) -> dict[str, float]:
+            values = quality(ema.model)
+            curve.log(step, values)
+            accelerator.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+            return values
+
         _, seconds = run_loop(accelerator, "teacher", out, cadence, train_step, save_checkpoint, resumed, cfg.max_bad_steps,
-                              ema=ema, model=raw_model, sample=save_samples, progress=("loss",))
+                              ema=ema, model=raw_model, evaluate=evaluate if quality else None, sample=save_samples,
+                              progress=("loss",))
         final = out / "teacher"
         if accelerator.is_main_process:
             ema.model.save_pretrained(final)
