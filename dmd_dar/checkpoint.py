@@ -48,6 +48,11 @@ def _make_public(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def follow_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give a file written by a library that creates private files (safetensors: 0600) the usual permissions."""
+    _make_public(Path(path), mode)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write one file atomically: `write(tmp)` fills a temporary sibling that has the same suffix (so
     writers such as np.save / np.savez that append a suffix leave the name alone); it is then synced to
@@ -99,6 +104,39 @@ def check_replaceable(final: str | os.PathLike, own_files: Collection[str] | Cal
     if foreign:
         raise UserError(f"{final} holds other files, not {previous} ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
+
+
+def _label(name: str, path: Path) -> str:
+    return f"{name} {path}" if name.startswith("-") else f"{name}={path}"
+
+
+def _check_parent(path: Path, name: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder this process can write into."""
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{_label(name, path)}: {parent} is a file, not a folder; choose another {name}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{_label(name, path)}: {parent} is not writable; choose another {name}")
+
+
+def check_output_dir(path: str | os.PathLike, name: str = "out_dir") -> None:
+    """An output folder (created or written into later), checked before any work: not an existing file, not under
+    a file, writable. `name` is the key or flag the user gave it by (`out_dir`, `--out`), used in the one line."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{_label(name, path)} exists and is not a folder; choose another {name}")
+    _check_parent(path, name)
+
+
+def check_output_file(path: str | os.PathLike, name: str = "--out", suffix: str | None = None) -> None:
+    """An output file (written atomically later), checked before any work: not a folder, the right `suffix`,
+    its folder creatable and writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{_label(name, path)} is a folder; give a file path{f' ending in {suffix}' if suffix else ''}")
+    if suffix and path.suffix.lower() != suffix:
+        raise UserError(f"{_label(name, path)}: the file name must end in {suffix}")
+    _check_parent(path.parent, name)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dmd_dar.checkpoint import atomic_write_bytes
@@ -36,9 +36,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
         if not path.is_file():
             raise UserError(f"config file {path} not found: pass --config configs/<name>.yaml")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as err:
-            raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"cannot parse {path}: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (key: value lines), not a "
+                              f"{type(layer).__name__.replace('Config', '').lower()}")
+        layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

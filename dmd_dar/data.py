@@ -9,8 +9,10 @@ Names understood by `load_dataset`:
   white and resized to 32x32 with a Lanczos filter; no labels. Twemoji graphics (c) Twitter, Inc. and
   other contributors, CC-BY 4.0. The decoded array is cached as .npy under $DMD_DAR_CACHE (default
   ~/.cache/dmd_dar).
-- any other string is a path: a folder of PNG/JPEG images (optionally one subfolder per class) or an
-  `.npz` with `arr_0` uint8 NHWC images and optional `arr_1` integer labels.
+- any other string is a path: a folder of PNG/JPEG images (optionally one subfolder per class), an
+  `.npz` with `arr_0` uint8 NHWC images and optional `arr_1` integer labels, or a folder of latent shards
+  written by `scripts/extract_latents.py` (`latents.json` + `part-*.npz`; `LatentDataset`: scaled VAE latents,
+  not images, kept in the stored dtype, float16 by default).
 
 Non-MNIST sets are split into train / heldout by a seeded permutation (`heldout_fraction`, `seed`).
 Files are read through `dmd_dar.image_io` (the library's one image reader); caches are written with
@@ -40,6 +42,8 @@ from dmd_dar.image_io import as_rgb, check_uint8_nhwc, common_channels, from_uin
 __all__ = [
     "ImageDataset",
     "ImageFolderDataset",
+    "LatentDataset",
+    "LATENTS_INDEX",
     "NpzDataset",
     "load_dataset",
     "load_mnist",
@@ -347,6 +351,61 @@ class NpzDataset(ImageDataset):
         super().__init__(images, labels, name=str(file))
 
 
+LATENTS_INDEX = "latents.json"
+LATENTS_FORMAT = "dmd_dar-latents-v1"
+
+
+class LatentDataset(ImageDataset):
+    """Latent shards of `scripts/extract_latents.py`: ``images`` are scaled VAE latents [N, C, h, w] (the space
+    a latent DiT denoises, not pixels), ``labels`` the class ids; ``meta`` the index (`latents.json`: the VAE, its
+    scale, the image size, class names, whether flipped copies are included)."""
+
+    is_latent = True
+
+    def __init__(self, path: str | Path):
+        import json
+
+        folder = Path(path)
+        index = folder / LATENTS_INDEX
+        try:
+            meta = json.loads(index.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{index}: cannot read the latent index ({err}); re-run scripts/extract_latents.py") from None
+        if not isinstance(meta, dict) or meta.get("format") != LATENTS_FORMAT or not isinstance(meta.get("shards"), list):
+            raise UserError(f"{index} is not a latent index of scripts/extract_latents.py ({LATENTS_FORMAT})")
+        latents, labels = [], []
+        for name in meta["shards"]:
+            file = folder / str(name)
+            try:
+                with np.load(file, allow_pickle=False) as data:
+                    z, y = data["latents"], data["labels"]
+            except (OSError, ValueError, KeyError) as err:
+                raise UserError(f"{file}: missing or damaged latent shard ({type(err).__name__}); re-run scripts/extract_latents.py") from None
+            if z.ndim != 4 or y.shape != (len(z),) or list(z.shape[1:]) != list(meta.get("latent_shape", z.shape[1:])):
+                raise UserError(f"{file}: latents {list(z.shape)} / labels {list(y.shape)} do not match {index}")
+            latents.append(torch.from_numpy(z if z.dtype in (np.float16, np.float32) else z.astype(np.float32)))
+            labels.append(torch.from_numpy(y.astype(np.int64, copy=False)))
+        if not latents or sum(len(z) for z in latents) != meta.get("count"):
+            raise UserError(f"{folder}: the shards hold {sum(len(z) for z in latents)} latents, the index says {meta.get('count')}; "
+                            "the extraction did not finish: re-run scripts/extract_latents.py")
+        self.meta = meta
+        self.class_names = list(meta.get("class_names") or [])
+        has_labels = bool(meta.get("labelled", True))
+        super().__init__(torch.cat(latents), torch.cat(labels) if has_labels else None,
+                         meta.get("num_classes") if has_labels else None, name=str(folder))
+
+    def subset(self, indices: Tensor | Sequence[int], name: str | None = None) -> LatentDataset:
+        """The given rows, still a LatentDataset (same index)."""
+        import copy
+
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = copy.copy(self)
+        out.images = self.images[idx]
+        out.labels = self.labels[idx] if self.labels is not None else None
+        out.name = name or self.name
+        return out
+
+
 # -------------------------------------------------------------------------------------- Entry point
 
 
@@ -393,7 +452,9 @@ def load_dataset(
         full = load_twemoji(image_size or 32)
     else:
         path = Path(key).expanduser()
-        if path.is_dir():
+        if path.is_dir() and (path / LATENTS_INDEX).is_file():
+            full = LatentDataset(path)
+        elif path.is_dir():
             full = ImageFolderDataset(path, image_size)
         elif path.is_file() and path.suffix.lower() == ".npz":
             full = NpzDataset(path, image_size)

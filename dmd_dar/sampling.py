@@ -7,6 +7,10 @@ the family: its denoiser with classifier-free guidance (`with_cfg`), its conditi
 `to_images`. Images come from a multi-step sampler (euler / heun / sde of `dmd_dar.diffusion.sample`) or, for
 distilled students, from K steps (`dmd_dar.diffusion.few_step_sample`, `timesteps` such as [1.0] or [1.0, 0.5]).
 `write_samples` writes the PNG grid and the `.npz` (arr_0, uint8 NHWC) into a folder atomically.
+`sample_sharded` is the evaluation-scale path (50,000 ImageNet samples): the images are made shard by shard
+(`DIR/shards/part-*.npz`, each written atomically, so an interrupted run resumes where it stopped), the shards are
+shared by several processes (rank k makes shards k, k + world, ...), and the last step merges them into one
+ADM-format `DIR/samples.npz` (arr_0 uint8 NHWC, arr_1 the labels) without holding all images in memory.
 `scripts/sample.py` is the command line: errors here name the parameter (`SamplingArgumentError`), the script
 names its flag.
 
@@ -16,15 +20,17 @@ seed + i, so an image does not depend on n or the batch size. The "sde" sampler'
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dmd_dar.checkpoint import atomic_dir, check_replaceable, read_json, write_json
+from dmd_dar.checkpoint import atomic_dir, atomic_write, check_replaceable, read_json, write_json
 from dmd_dar.diffusion import Denoiser, check_timesteps, few_step_sample, sample
 from dmd_dar.dmd.family import BUNDLED_TEACHER, DiTFamily, Family
 from dmd_dar.errors import UserError
@@ -186,24 +192,48 @@ def _draws(shape: tuple[int, ...], indices: range, seed: int, renoise_steps: int
 
 @torch.no_grad()
 def run_sampling(family: Family, denoiser: Denoiser, ids: Tensor, seed: int = 0, sampler: str = "heun", steps: int = 25,
-                 timesteps: Sequence[float] | None = None, shift: float = 1.0, batch_size: int = 64) -> Tensor:
+                 timesteps: Sequence[float] | None = None, shift: float = 1.0, batch_size: int = 64, first: int = 0) -> Tensor:
     """One image per condition id in `ids` from `denoiser` (x0 interface, on the family's samples): K-step
-    `few_step_sample` when `timesteps` is given, else `sample`; decoded with `family.to_images`."""
+    `few_step_sample` when `timesteps` is given, else `sample`; decoded with `family.to_images`. `ids` are images
+    first, first + 1, ... of a larger set (a shard): image i is drawn from seed + i."""
     for argument, value in (("steps", steps), ("batch_size", batch_size)):
         if value < 1:
             raise SamplingArgumentError(argument, value, "must be >= 1")
     out = []
     for start in range(0, len(ids), batch_size):
         idx = range(start, min(len(ids), start + batch_size))
-        noise, renoise = _draws(family.sample_shape, idx, seed, len(timesteps) - 1 if timesteps else 0)
+        noise, renoise = _draws(family.sample_shape, range(first + idx.start, first + idx.stop), seed,
+                                len(timesteps) - 1 if timesteps else 0)
         noise, cond = noise.to(family.device), family.conditions(ids[idx.start : idx.stop])
         if timesteps:
             x = few_step_sample(denoiser, noise, cond, list(timesteps), renoise=renoise.to(family.device))
         else:
-            g = torch.Generator(family.device).manual_seed(seed + start) if sampler == "sde" else None
+            g = torch.Generator(family.device).manual_seed(seed + first + start) if sampler == "sde" else None
             x = sample(denoiser, noise, cond, sampler=sampler, steps=steps, shift=shift, generator=g)
         out.append(family.to_images(x).float().cpu().clamp(-1, 1))
     return torch.cat(out)
+
+
+@dataclass
+class Plan:
+    """What to sample: the family, the guided denoiser, one condition id per image, and the sampler settings."""
+
+    family: Family
+    denoiser: Denoiser
+    ids: Tensor
+    meta: dict[str, Any]
+    seed: int = 0
+    sampler: str = "heun"
+    steps: int = 25
+    timesteps: list[float] | None = None
+    shift: float = 1.0
+    batch_size: int = 64
+
+    def run(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Images start..stop-1 of the plan (float NCHW in [-1, 1], on the CPU)."""
+        stop = len(self.ids) if stop is None else stop
+        return run_sampling(self.family, self.denoiser, self.ids[start:stop], self.seed, self.sampler, self.steps,
+                            self.timesteps, self.shift, self.batch_size, first=start)
 
 
 def sample_checkpoint(loaded: LoadedModel, n: int | None = None, labels: str | None = None, prompts: list[str] | None = None,
@@ -211,10 +241,22 @@ def sample_checkpoint(loaded: LoadedModel, n: int | None = None, labels: str | N
                       resolution: int = 1024, vae_scale_factor: int = 8, seed: int = 0, sampler: str = "heun", steps: int = 25,
                       cfg_scale: float = 1.0, timesteps: Sequence[float] | None = None, shift: float = 1.0,
                       guidance: float = 3.5, batch_size: int = 64, max_sequence_length: int | None = None) -> Samples:
-    """Sample `loaded` (see the module docstring). DiT: `labels` ("0,1,2" / "all"), n images cycling through them.
-    Text models: `prompts` (or every prompt of `embeddings`), n images cycling through them, latents of
-    resolution / scale factor, decoded with `vae` ("tiny" = a random test VAE) or shown as the latent preview;
-    `guidance` feeds the guidance embedding of guidance-distilled Flux models."""
+    """Sample `loaded` (see the module docstring). DiT: `labels` ("0,1,2" / "all"), n images cycling through them;
+    latent DiTs are decoded with the VAE their folder records, or `vae`. Text models: `prompts` (or every prompt of
+    `embeddings`), n images cycling through them, latents of resolution / scale factor, decoded with `vae` ("tiny" =
+    a random test VAE) or shown as the latent preview; `guidance` feeds the guidance embedding of guidance-distilled
+    Flux models."""
+    plan = plan_sampling(loaded, n, labels, prompts, embeddings, text_encoder, vae, resolution, vae_scale_factor, seed, sampler,
+                         steps, cfg_scale, timesteps, shift, guidance, batch_size, max_sequence_length)
+    return Samples(plan.run(), plan.meta)
+
+
+def plan_sampling(loaded: LoadedModel, n: int | None = None, labels: str | None = None, prompts: list[str] | None = None,
+                  embeddings: str | None = None, text_encoder: str | None = None, vae: str | None = None,
+                  resolution: int = 1024, vae_scale_factor: int = 8, seed: int = 0, sampler: str = "heun", steps: int = 25,
+                  cfg_scale: float = 1.0, timesteps: Sequence[float] | None = None, shift: float = 1.0,
+                  guidance: float = 3.5, batch_size: int = 64, max_sequence_length: int | None = None) -> Plan:
+    """The `Plan` of `sample_checkpoint` (same arguments), before any image is made."""
     if n is not None and n < 1:
         raise SamplingArgumentError("n", n, "must be >= 1")
     mode = {"timesteps": list(timesteps)} if timesteps else {"sampler": sampler, "steps": steps, "shift": shift}
@@ -222,10 +264,13 @@ def sample_checkpoint(loaded: LoadedModel, n: int | None = None, labels: str | N
     if loaded.backbone == "dit":
         if prompts is not None or embeddings is not None:
             raise SamplingArgumentError("prompts", None, f"{loaded.folder} is a class-conditional DiT: it takes class labels, not prompts")
-        family: Family = DiTFamily(loaded.model, loaded.device)
+        family: Family = DiTFamily(loaded.model, loaded.device, vae=vae)
+        family.decoder()  # a latent model's VAE: loaded (or one line) before any work
         classes = parse_labels(labels, family.num_conditions)
         ids = [classes[i % len(classes)] for i in range(len(classes) if n is None else n)]
         meta["labels"] = ids
+        if loaded.model.vae is not None:
+            meta["vae"] = loaded.model.vae
     else:
         if labels is not None:
             raise SamplingArgumentError("labels", labels, "are for class-conditional DiT models; a text-to-image model takes prompts")
@@ -237,15 +282,18 @@ def sample_checkpoint(loaded: LoadedModel, n: int | None = None, labels: str | N
         family = DiffusersFamily(loaded.model, t2i, loaded.device, prompts=cache)
         ids = [i % len(cache) for i in range(len(cache) if n is None else n)]
         meta.update(prompts=[cache.prompts[i] for i in ids], resolution=resolution, vae=vae, guidance=guidance)
-    images = run_sampling(family, family.with_cfg(loaded.model, cfg_scale), torch.tensor(ids, dtype=torch.long), seed, sampler,
-                          steps, timesteps, shift, batch_size)
-    return Samples(images, meta)
+    for argument, value in (("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise SamplingArgumentError(argument, value, "must be >= 1")
+    return Plan(family, family.with_cfg(loaded.model, cfg_scale), torch.tensor(ids, dtype=torch.long), meta, seed, sampler, steps,
+                list(timesteps) if timesteps else None, shift, batch_size)
 
 
 # ------------------------------------------------------------------------------------------ output
-def check_output_folder(out_dir: str | Path) -> None:
-    """Fail before any work when `out_dir` exists and holds anything but a previous sampling output."""
-    check_replaceable(out_dir, SAMPLE_FILES, "a previous sampling output")
+def check_output_folder(out_dir: str | Path, sharded: bool = False) -> None:
+    """Fail before any work when `out_dir` exists and holds anything but a previous sampling output (and, for
+    `sample_sharded`, its shards folder)."""
+    check_replaceable(out_dir, (*SAMPLE_FILES, SHARDS_DIR) if sharded else SAMPLE_FILES, "a previous sampling output")
 
 
 def write_samples(samples: Samples, out_dir: str | Path, nrow: int | None = None) -> Path:
@@ -258,4 +306,84 @@ def write_samples(samples: Samples, out_dir: str | Path, nrow: int | None = None
         save_images(images, tmp / SAMPLES_FILE)
         save_image_grid(images, tmp / GRID_FILE, nrow=nrow or min(n, 8), scale=max(1, 64 // images.shape[-1]))
         write_json(tmp / META_FILE, {**samples.meta, "n": n, "shape": list(images.shape[1:])})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sharded (evaluation scale)
+SHARDS_DIR, PLAN_FILE = "shards", "plan.json"
+GRID_IMAGES = 64  # the grid of a sharded run shows its first images
+
+
+def _shard(k: int) -> str:
+    return f"part-{k:05d}.npz"
+
+
+def sample_sharded(plan: Plan, out_dir: str | Path, shard_size: int = 1000, rank: int = 0, world: int = 1,
+                   barrier=None, log=print) -> Path | None:
+    """Make this process's shards of `plan` into `out_dir/shards/` (skipping those already there), then, after
+    `barrier()` (every process: e.g. torch.distributed.barrier), let rank 0 merge them into `out_dir/samples.npz`
+    (arr_0 uint8 NHWC, arr_1 labels), grid.png and sample.json, and remove the shards. Returns out_dir on rank 0.
+    A shards folder of another plan (model, seed, sampler, labels, n, shard size) is refused, not mixed in."""
+    from dmd_dar.image_io import to_uint8_nhwc
+
+    if shard_size < 1:
+        raise SamplingArgumentError("shard_size", shard_size, "must be >= 1")
+    out = Path(out_dir)
+    check_output_folder(out, sharded=True)
+    shards = out / SHARDS_DIR
+    n = len(plan.ids)
+    n_shards = (n + shard_size - 1) // shard_size
+    signature = {**plan.meta, "n": n, "shard_size": shard_size, "batch_size": plan.batch_size}
+    plan_file = shards / PLAN_FILE
+    if plan_file.is_file() and read_json(plan_file) != signature:  # every process checks: none waits for a failed one
+        raise UserError(f"{shards} holds the shards of another sampling run (other model, settings, labels or n); "
+                        "use another output folder, or delete that shards folder")
+    if rank == 0:
+        shards.mkdir(parents=True, exist_ok=True)
+        write_json(plan_file, signature)
+    if barrier is not None:
+        barrier()
+    todo = [k for k in range(rank, n_shards, world) if not (shards / _shard(k)).is_file()]
+    log(f"[{rank}/{world}] {n} images in {n_shards} shards; {len(todo)} to make here")
+    for k in todo:
+        start, stop = k * shard_size, min(n, (k + 1) * shard_size)
+        images = to_uint8_nhwc(plan.run(start, stop))
+        labels = plan.ids[start:stop].numpy()
+        atomic_write(shards / _shard(k), lambda tmp, a=images, y=labels, s=start: np.savez(tmp, arr_0=a, arr_1=y, start=s))
+        log(f"[{rank}/{world}] shard {k + 1}/{n_shards}: images {start}..{stop - 1}")
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    return merge_shards(out, n_shards, signature)
+
+
+def merge_shards(out: Path, n_shards: int, meta: dict[str, Any]) -> Path:
+    """shards/part-*.npz -> samples.npz (streamed through a memory-mapped array), grid.png, sample.json."""
+    from dmd_dar.image_io import from_uint8_nhwc
+
+    shards = out / SHARDS_DIR
+    missing = [_shard(k) for k in range(n_shards) if not (shards / _shard(k)).is_file()]
+    if missing:
+        raise UserError(f"{shards}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}); run the same command again "
+                        "to make them (the others are kept)")
+    with np.load(shards / _shard(0)) as first:
+        shape, dtype = first["arr_0"].shape[1:], first["arr_0"].dtype
+    n = meta["n"]
+    staging = shards / "merged.npy"
+    images = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=(n, *shape))
+    labels = np.empty(n, dtype=np.int64)
+    for k in range(n_shards):
+        with np.load(shards / _shard(k)) as part:
+            start = int(part["start"])
+            images[start : start + len(part["arr_0"])] = part["arr_0"]
+            labels[start : start + len(part["arr_1"])] = part["arr_1"]
+    images.flush()
+    save_image_grid(from_uint8_nhwc(np.ascontiguousarray(images[:GRID_IMAGES])), out / GRID_FILE, nrow=8,
+                    scale=max(1, 64 // shape[0]))
+    write_json(out / META_FILE, {**{k: v for k, v in meta.items() if k not in ("shard_size", "batch_size")}, "n": n,
+                                 "shape": [shape[2], shape[0], shape[1]]})
+    atomic_write(out / SAMPLES_FILE, lambda tmp: np.savez(tmp, arr_0=images, arr_1=labels))  # streamed in chunks
+    del images
+    shutil.rmtree(shards)
     return out

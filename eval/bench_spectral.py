@@ -9,7 +9,6 @@ targets (issue 5) are 5,000 images/s at 32x32 and 200 images/s at 256x256 on 2 C
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import platform
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dmd_dar.errors import UserError, cli_main
+from dmd_dar.errors import ArgumentParser, UserError, cli_main
 from dmd_dar.spectral import compare_spectra, spectral_statistics
 
 TARGETS = {32: 5000, 256: 200}
@@ -46,7 +45,7 @@ def _best_time(fn, repeats: int) -> float:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="32,256", help="square image sizes, comma-separated")
     parser.add_argument("--count", default=None, help="images per size, comma-separated (default 5000 at <=64, else 200)")
     parser.add_argument("--channels", type=int, default=3)
@@ -60,6 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--sizes/--count expect comma-separated integers, got {args.sizes!r} / {args.count!r}") from None
     if len(counts) != len(sizes):
         raise UserError("--count needs one number per size")
+    if min(sizes) < 4:
+        raise UserError(f"--sizes {args.sizes}: each size must be at least 4 pixels")
+    if min(counts) < 1:
+        raise UserError(f"--count {args.count}: each count must be at least 1")
+    if not 1 <= args.channels <= 4:
+        raise UserError(f"--channels {args.channels}: must be 1 to 4 (grey, RGB, RGBA)")
+    for flag, value in (("--threads", args.threads), ("--repeats", args.repeats)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be a positive integer")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {_dt.date.today()}  {_cpu_name()}, {os.cpu_count()} logical CPUs visible, torch threads "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dmd_dar.checkpoint import read_json, write_json
+from dmd_dar.checkpoint import check_output_file, read_json, write_json
 from dmd_dar.data import DATASET_NAMES
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
 from dmd_dar.image_io import SAMPLES_FILE, load_images
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--limit must be more than --k ({args.k}), got {args.limit}")
     if args.k < 1:
         raise UserError(f"--k must be positive, got {args.k}")
-    if args.out is not None and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a folder; give a JSON file path")
+    if args.out is not None:
+        check_output_file(args.out, "--out")  # not a folder, its folder writable: before any work
     # load and check everything first: a bad input ends the run before any work and writes nothing
     classifier = load_classifier(args.classifier, device=args.device)
     reference = load_reference(args.reference, split=args.reference_split)

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap {args.bootstrap}: give at least 1 resample (1000 for the reported intervals)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be a positive number of images")
+    cutoffs = _parse_floats(args.cutoffs, "--cutoffs")
     candidates = [_parse_candidate(text) for text in args.candidate]
     names = [args.reference_name] + [name for name, _ in candidates]
     if len(set(names)) != len(names):
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = write_report(
         reference, images, args.out,
         reference_name=args.reference_name, sources=sources, title=args.title,
-        cutoffs=_parse_floats(args.cutoffs, "--cutoffs"), window=args.window, channels=args.channels,
+        cutoffs=cutoffs, window=args.window, channels=args.channels,
         num_bootstrap=args.bootstrap, seed=args.seed,
     )
     cutoffs = metrics["settings"]["cutoffs_cycles_per_pixel"]

@@ -65,8 +65,27 @@ def parse_sublayers(text: str | None) -> list | None:
         raise UserError(f"--sublayers {text!r}: give a comma list of sublayer numbers and/or 'final', e.g. 1,6,12,final") from None
 
 
-def run_one(folder: Path, args, device: torch.device) -> dict:
-    model = DiT.from_pretrained(folder).to(device)
+def load_checkpoint(folder: Path, flag: str) -> DiT:
+    """The model of `folder`, refused in one line when its weights hold NaN or inf (a diverged run)."""
+    model = DiT.from_pretrained(folder)
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"{flag} {folder}: non-finite weights ({', '.join(bad[:3])}); the run that wrote it diverged, "
+                        "diagnose another checkpoint")
+    return model
+
+
+def check_args(args) -> None:
+    """Every number and list of the command line, before a model is loaded."""
+    for flag, value, low in (("--n", args.n, 3), ("--t-grid", args.t_grid, 2), ("--batch-size", args.batch_size, 1),
+                             ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    parse_sublayers(args.sublayers)
+
+
+def run_one(model: DiT, folder: Path, args, device: torch.device) -> dict:
+    model = model.to(device)
     images, labels = load_images(args.dataset, model, args.n, args.seed)
     if len(images) < args.n:
         raise UserError(f"{args.dataset} held-out split has {len(images)} images, fewer than --n {args.n}; lower --n")
@@ -216,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     args = parser.parse_args(argv)
     args.device = str(resolve_device(args.device))  # an unavailable device: one line, before any work
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -227,10 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         check_replaceable(args.out, OUTPUT_FILES, PREVIOUS_OUTPUT)  # before the (slow) diagnosis
     except UserError as err:
         raise UserError(f"--out: {err}") from None
-    folders = [resolve_checkpoint(args.checkpoint, "--checkpoint")]
-    if args.compare:
-        folders.append(resolve_checkpoint(args.compare, "--compare"))
-    results = [run_one(folder, args, device) for folder in folders]
+    flags = {"--checkpoint": args.checkpoint, **({"--compare": args.compare} if args.compare else {})}
+    folders = {flag: resolve_checkpoint(name, flag) for flag, name in flags.items()}
+    models = {flag: load_checkpoint(folder, flag) for flag, folder in folders.items()}  # all of them, before any work
+    results = [run_one(models[flag], folder, args, device) for flag, folder in folders.items()]
 
     with atomic_dir(args.out, OUTPUT_FILES, PREVIOUS_OUTPUT) as tmp:
         write_json(tmp / "diagnostics.json", results[0])

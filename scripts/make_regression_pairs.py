@@ -12,6 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from dmd_dar.checkpoint import check_output_file
 from dmd_dar.config import load_config
 from dmd_dar.dmd.config import DistillConfig
 from dmd_dar.dmd.family import make_family
@@ -31,6 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1 or args.batch < 1:
         raise UserError(f"--n={args.n} and --batch={args.batch} must both be >= 1")
+    check_output_file(args.out, "--out", suffix=".npz")  # before the teacher's ODE runs
     cfg = load_config(args.config, args.overrides, DistillConfig)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     family = make_family(cfg.backbone, cfg.teacher, device, cfg.t2i)

@@ -19,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmd_dar.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_replaceable
 from dmd_dar.data import load_dataset
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
 from dmd_dar.metrics.classifier import BUNDLED_CLASSIFIER, DigitClassifier, save_classifier
+
+CLASSIFIER_FILES = {CONFIG_NAME, WEIGHTS_NAME}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +66,19 @@ def accuracy(model: DigitClassifier, images: Tensor, labels: Tensor, batch_size:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.threads < 1:
-        raise UserError("--epochs, --batch-size and --threads must be positive")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be a positive integer")
+    if not 0 < args.lr <= 1:
+        raise UserError(f"--lr {args.lr}: must be in (0, 1] (AdamW; the recipe uses 3e-3)")
+    if not args.weight_decay >= 0:
+        raise UserError(f"--weight-decay {args.weight_decay}: must be >= 0")
+    if not 0 <= args.min_accuracy <= 1:
+        raise UserError(f"--min-accuracy {args.min_accuracy}: must be a fraction in [0, 1]")
+    try:  # before the minutes of training: the folder is replaced only when it holds a classifier (or nothing)
+        check_replaceable(args.out, CLASSIFIER_FILES, "a classifier")
+    except UserError as err:
+        raise UserError(f"--out: {err}") from None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)

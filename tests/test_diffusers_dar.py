@@ -180,7 +180,7 @@ def test_save_load_round_trip(case, tmp_path):
         expected = converted(**inputs).sample
     folder = tmp_path / "student"
     save_dar_pretrained(converted, folder)
-    assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors", "routing.json", "router.safetensors"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.dar.safetensors", "routing.json", "router.safetensors"}
     loaded = load_dar_pretrained(folder)
     assert type(loaded) is type(converted)
     assert loaded.router.config == converted.router.config
@@ -229,3 +229,77 @@ def test_models_package_reexport():
 
     model, inputs = tiny("DiTTransformer2DModel")
     assert lazy(model, RoutingConfig(mode="dar")).router.num_sublayers == 4
+
+
+def exported(tmp_path, name="SD3Transformer2DModel"):
+    """A tiny DAR student with trained-looking (non-zero) router weights, exported; (folder, model, inputs, output)."""
+    model, inputs = tiny(name)
+    converted = convert_to_dar(jitter(model), RoutingConfig(mode="dar", query="static_t"))
+    with torch.no_grad():
+        for p in router_parameters(converted):
+            p.normal_(0.0, 0.3)
+        expected = converted(**inputs).sample
+    save_dar_pretrained(converted, tmp_path / "student")
+    return tmp_path / "student", converted, inputs, expected
+
+
+def test_the_stock_class_cannot_load_a_dar_student_without_its_router(tmp_path):
+    """The stock from_pretrained would return the backbone alone, a different function: it finds no weights and
+    raises. The DAR class's own from_pretrained loads the whole student."""
+    from dmd_dar.models.diffusers_dar import DARSD3Transformer2DModel
+
+    folder, converted, inputs, expected = exported(tmp_path)
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
+        diffusers.SD3Transformer2DModel.from_pretrained(folder)
+    loaded = DARSD3Transformer2DModel.from_pretrained(folder)
+    assert type(loaded) is DARSD3Transformer2DModel and loaded.router.config == converted.router.config
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, expected)
+    with pytest.raises(UserError, match="not a DARFluxTransformer2DModel"):
+        type(convert_to_dar(tiny("FluxTransformer2DModel")[0], RoutingConfig(mode="dar"))).from_pretrained(folder)
+
+
+def test_a_stock_pipeline_saves_and_loads_a_dar_student(tmp_path):
+    """A stock pipeline holding a DAR transformer records it as ["dmd_dar.models.diffusers_dar", "DARSD3..."] in
+    model_index.json; DiffusionPipeline.from_pretrained (with that module imported) loads it router and all."""
+    import json
+
+    folder, converted, inputs, expected = exported(tmp_path)
+    absent = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    pipe = diffusers.StableDiffusion3Pipeline(transformer=converted, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                              **dict.fromkeys(absent))
+    pipe.save_pretrained(tmp_path / "pipeline")
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    assert index["transformer"] == ["dmd_dar.models.diffusers_dar", "DARSD3Transformer2DModel"]
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipeline", **dict.fromkeys(absent))
+    assert type(loaded.transformer).__name__ == "DARSD3Transformer2DModel"
+    with torch.no_grad():
+        assert torch.equal(loaded.transformer(**inputs).sample, expected)
+
+
+def test_exports_follow_the_umask_and_format_1_folders_still_load(tmp_path):
+    import os
+    import stat
+
+    from dmd_dar.models.diffusers_dar import BACKBONE_WEIGHTS, LEGACY_BACKBONE_WEIGHTS
+
+    mask = os.umask(0o022)
+    try:
+        folder, converted, inputs, expected = exported(tmp_path)
+    finally:
+        os.umask(mask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == dict.fromkeys(
+        ("config.json", BACKBONE_WEIGHTS, "routing.json", "router.safetensors"), 0o644)
+    (folder / BACKBONE_WEIGHTS).rename(folder / LEGACY_BACKBONE_WEIGHTS)  # how format 1 named the backbone
+    with torch.no_grad():
+        assert torch.equal(load_dar_pretrained(folder)(**inputs).sample, expected)
+
+
+def test_non_finite_students_are_never_exported(tmp_path):
+    model, _ = tiny("DiTTransformer2DModel")
+    converted = convert_to_dar(model, RoutingConfig(mode="dar"))
+    with torch.no_grad():
+        converted.router.query_static.fill_(float("nan"))
+    with pytest.raises(UserError, match="non-finite"):
+        save_dar_pretrained(converted, tmp_path / "student")
+    assert not (tmp_path / "student").exists()

@@ -133,6 +133,53 @@ def test_unstacked_reference_matches_stacked_with_gradients(kind):
         torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", list(QUERY_SHAPES))
+@pytest.mark.parametrize("shared", [False, True])
+def test_unstacked_reference_gradcheck_float64(kind, shared):
+    """gradcheck of the list path itself (its mixture has a hand-written backward, `_MixSources`): values, query and
+    key weight; `shared` reads the sources through one `SourceCache` as two aggregations, as the router does."""
+    from dmd_dar.routing.kernels import SourceCache, aggregate_sources
+
+    values, query, key_weight = _inputs(kind, 3, B=2, T=3, D=4)
+    leaves = [v.requires_grad_() for v in values] + [query.requires_grad_(), key_weight.requires_grad_()]
+
+    def f(*xs):
+        vs, q, g = list(xs[:3]), xs[3], xs[4]
+        if not shared:
+            return aggregate_sources(vs, q, g)
+        cache = SourceCache()
+        return aggregate_sources(vs[:2], q, g, cache=cache) + aggregate_sources(vs, q * 0.5, g, cache=cache)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+@pytest.mark.parametrize("kind", list(QUERY_SHAPES))
+def test_shared_source_cache_equals_fresh_computation(kind):
+    """Aggregations sharing a cache give the outputs and gradients of independent ones; RMS once per source."""
+    from dmd_dar.routing.kernels import SourceCache, aggregate_sources
+
+    values, query, key_weight = _inputs(kind, 4)
+    results = []
+    for shared in (False, True):
+        leaves = [v.clone().requires_grad_() for v in values] + [query.clone().requires_grad_()]
+        cache = SourceCache() if shared else None
+        outs = [aggregate_sources(leaves[:n], leaves[4] * n, key_weight, cache=cache) for n in (1, 2, 3, 4)]
+        grads = torch.autograd.grad(sum((o * o.detach().cos()).sum() for o in outs), leaves)
+        results.append((outs, grads))
+        if shared:
+            assert cache.rms_computations == len(cache) == 4
+    for a, b in zip(results[0][0] + list(results[0][1]), results[1][0] + list(results[1][1])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_source_cache_rejects_another_eps():
+    from dmd_dar.routing.kernels import SourceCache, aggregate_sources
+
+    values, query, key_weight = _inputs("static", 2)
+    with pytest.raises(ValueError, match="eps"):
+        aggregate_sources(values, query, key_weight, eps=1e-5, cache=SourceCache(eps=1e-6))
+
+
 def test_dispatcher_rejects_unknown_backend():
     values, query, key_weight = _inputs("static", 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="backend"):

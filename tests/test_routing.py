@@ -197,3 +197,126 @@ def test_out_of_order_read_is_an_error():
     state = router.start(torch.randn(B, T, D))
     with pytest.raises(RuntimeError, match="in order"):
         router.read(state, 2)
+
+
+# ---------------------------------------------------------------------------------- per-forward source cache
+CACHE_CONFIGS = [dict(query="static"), dict(query="static_t"), dict(query="dynamic"), dict(query="static_t", chunk_size=3, summary="sum"),
+                 dict(query="dynamic", chunk_size=2, summary="last"), dict(query="static", final_aggregator=False)]
+
+
+def run_uncached(router: DepthRouter, values, t_emb=None):
+    """The router protocol with the per-forward cache switched off: every aggregation computes each RMS itself."""
+    state = router.start(values[0], t_emb)
+    state.cache = None
+    inputs = []
+    for l in range(1, router.num_sublayers + 1):
+        inputs.append(router.read(state, l))
+        router.write(state, l, values[l])
+    return inputs, router.read_final(state), state
+
+
+def reference_reads(router: DepthRouter, values, t_emb=None):
+    """Every read computed from `router.sources` with the stacked reference (no router code path, no cache)."""
+    from dmd_dar.routing.kernels import aggregate_reference
+
+    L, c = router.num_sublayers, router.config
+    time_query = (t_emb @ router.query_time).unsqueeze(1) if c.query == "static_t" else None
+
+    def read(groups, index, previous):
+        if c.query == "dynamic":
+            query = previous @ router.query_dynamic[index].t()
+        else:
+            query = router.query_static[index].view(1, 1, -1) + (time_query if time_query is not None else 0)
+        stacked = torch.stack([sum(values[i] for i in group) for group in groups])
+        return aggregate_reference(stacked, query, router.key_norm_weight[index], c.eps)
+
+    inputs = [read(router.sources(l), l - 1, values[l - 1]) for l in range(1, L + 1)]
+    return inputs, read(router.sources_final(), L if c.final_aggregator else L - 1, values[L])
+
+
+@pytest.mark.parametrize("kwargs", CACHE_CONFIGS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_source_cache_same_outputs_and_gradients_float64(kwargs):
+    """The cached forward equals the uncached one and the stacked reference, outputs and every gradient."""
+    L = 6
+    router = DepthRouter(RoutingConfig(mode="dar", **kwargs), L, D, time_dim=8).double()
+    randomize(router, scale=0.7)
+    t_emb = torch.randn(B, 8, dtype=torch.float64)
+    upstream = [torch.randn(B, T, D, dtype=torch.float64) for _ in range(L + 1)]
+    results = []
+    for runner in (run, run_uncached, reference_reads):
+        values = [v.double().requires_grad_() for v in make_values(L)]
+        router.zero_grad(set_to_none=True)
+        out = runner(router, values, t_emb)
+        inputs, final = out[0], out[1]
+        loss = sum((x * u).sum() for x, u in zip([*inputs, final], upstream))
+        loss.backward()
+        results.append(([*inputs, final], [v.grad for v in values], [p.grad.clone() for p in router.parameters()]))
+    for other in results[1:]:
+        for a, b in zip(results[0][0] + results[0][1] + results[0][2], other[0] + other[1] + other[2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", CACHE_CONFIGS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_source_rms_is_computed_once_per_source(kwargs, monkeypatch):
+    """One rsqrt per distinct source per forward (dense: L + 1), where the uncached path does one per read."""
+    L = 6
+    router = DepthRouter(RoutingConfig(mode="dar", **kwargs), L, D, time_dim=8)
+    randomize(router)
+    calls = []
+    real_rsqrt = torch.rsqrt
+    monkeypatch.setattr(torch, "rsqrt", lambda x, *a, **k: calls.append(1) or real_rsqrt(x, *a, **k))
+    groups = [g for l in range(1, L + 1) for g in router.sources(l)] + router.sources_final()
+    values = [v.requires_grad_() for v in make_values(L)]
+    _, final, state = run(router, values, torch.randn(B, 8))
+    final.sum().backward()
+    assert len(calls) == len(set(groups)) == state.cache.rms_computations == len(state.cache)
+    if kwargs.get("chunk_size", 1) == 1:
+        assert len(calls) == L + 1
+    calls.clear()
+    run_uncached(router, values, torch.randn(B, 8))
+    assert len(calls) == len(groups) > len(set(groups))
+
+
+def test_cache_is_per_forward_and_off_on_the_fused_path():
+    L = 4
+    router = DepthRouter(RoutingConfig(mode="dar", query="static"), L, D)
+    a, b = router.start(torch.randn(B, T, D)), router.start(torch.randn(B, T, D))
+    assert a.cache is not None and b.cache is not None and a.cache is not b.cache
+    assert DepthRouter(RoutingConfig(mode="dar", query="static", backend="triton"), L, D).start(torch.randn(B, T, D)).cache is None
+    assert DepthRouter(RoutingConfig(mode="residual"), L, D).start(torch.randn(B, T, D)).cache is None
+    assert set(vars(router)) == set(vars(DepthRouter(router.config, L, D)))  # nothing attached to the module
+
+
+@pytest.mark.parametrize("query", ["static_t", "dynamic"])
+def test_cache_under_gradient_checkpointing_float64(query, monkeypatch):
+    """A DAR DiT with checkpointed sublayers: cached, uncached and checkpointed runs give the same loss and gradients."""
+    from dmd_dar.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+                routing=RoutingConfig(mode="dar", query=query)).double().train()
+    with torch.no_grad():  # non-zero gates, head and queries, so every path carries gradient
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if name.startswith("router.") else 0.05))
+    x, t, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.rand(3, dtype=torch.float64), torch.tensor([0, 1, 2])
+    start = DepthRouter.start
+
+    def grads(checkpointing: bool, cached: bool):
+        model.gradient_checkpointing = checkpointing
+
+        def patched(self, *args, **kwargs):
+            state = start(self, *args, **kwargs)
+            if not cached:
+                state.cache = None
+            return state
+
+        monkeypatch.setattr(DepthRouter, "start", patched)
+        model.zero_grad(set_to_none=True)
+        loss = (model(x, t, y) ** 2).mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    want = grads(checkpointing=False, cached=False)
+    for checkpointing, cached in ((False, True), (True, True), (True, False)):
+        for a, b in zip(grads(checkpointing, cached), want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -112,6 +112,9 @@ class DistillConfig:
     out_dir: str = "runs/distill"
     backbone: str = "dit"  # "dit" (our DiT) or "diffusers" (text-to-image transformers, see the t2i section)
     teacher: str = "bundled"  # dit: a DiT folder or "bundled" (dmd_dar/assets/teacher); diffusers: hub id or path
+    # dit, latent teachers (imported SiT / REPA): the VAE that decodes samples for grids, reports and metrics; "" = the
+    # one the teacher folder records, else a hub id, a local folder or "tiny" (random, tests); "none" = latent preview
+    vae: str = ""
     arms: list[str] = field(default_factory=list)  # [] = one arm as student.routing says; or [dar, residual]
     steps: int = 1000  # student updates
     batch_size: int = 32  # global
@@ -135,6 +138,8 @@ class DistillConfig:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
         require_positive(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "max_bad_steps")
+        if self.vae and self.backbone != "dit":
+            raise ConfigError("vae is for DiT teachers; a diffusers teacher's VAE is t2i.vae")
         if self.gan.enabled and self.backbone != "dit":
             raise ConfigError("gan.enabled is supported for DiT teachers only (the discriminator needs real images)")
         for arm in self.arms:

@@ -66,18 +66,32 @@ def resolve_dit_teacher(path: str) -> Path:
 
 class DiTFamily:
     """Our class-conditional velocity DiT (pixels, or latents for imported latent checkpoints); condition ids
-    are class labels. `teacher`: "bundled", a DiT folder, or a loaded DiT (e.g. a student to sample)."""
+    are class labels. `teacher`: "bundled", a DiT folder, or a loaded DiT (e.g. a student to sample).
 
-    def __init__(self, teacher: str | Path | DiT, device: torch.device):
+    Latent models: the VAE recorded in the model's config (`vae`, written by scripts/import_checkpoint.py), or the
+    `vae` given here (a hub id, a local folder or "tiny"; it is then recorded in the copies this family makes, so
+    students carry it; "none": show the latent preview), decodes samples into images (`to_images`). It is loaded on
+    first use (`decoder()`; the trainer and the sampler call it before any work)."""
+
+    def __init__(self, teacher: str | Path | DiT, device: torch.device, vae: str | None = None):
         self.device = device
         model = teacher if isinstance(teacher, DiT) else DiT.from_pretrained(resolve_dit_teacher(str(teacher)))
+        if vae and vae != "none" and model.in_channels in (1, 3) and model.vae is None:
+            raise UserError(f"vae={vae!r} was given, but the teacher is a pixel-space model ({model.in_channels} channels); "
+                            "leave vae unset")
+        if vae:
+            model.vae = None if vae == "none" else vae
+            model.config.pop("vae", None)
+            if model.vae is not None:
+                model.config["vae"] = model.vae
+        self._vae = None
         bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         if bad:
             raise UserError(f"teacher {teacher if not isinstance(teacher, DiT) else 'model'} has non-finite weights "
                             f"({', '.join(bad[:3])}): its training diverged; use another checkpoint")
         self._teacher = model.to(device).eval().requires_grad_(False)
         self.sample_shape = (model.in_channels, model.input_size, model.input_size)
-        self.num_conditions = model.num_classes
+        self.num_conditions = max(model.num_classes, 1)  # unconditional (num_classes 0): id 0 is the null class
         self.feature_dim = model.config["hidden_size"]
 
     def teacher(self) -> DiT:
@@ -118,18 +132,33 @@ class DiTFamily:
     def load_student(self, folder: Path) -> DiT:
         return DiT.from_pretrained(folder).to(self.device).eval()
 
+    def decoder(self) -> nn.Module | None:
+        """The VAE that decodes the model's latents (None for pixel models, or latents without a VAE)."""
+        if self._vae is None and self._teacher.vae is not None:
+            from dmd_dar.t2i.vae import load_sd_vae  # imports diffusers: only for latent models
+
+            self._vae = load_sd_vae(self._teacher.vae, self.device)
+        return self._vae
+
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-1, 1) if x.shape[1] in (1, 3) else latent_preview(x)  # latents: no VAE here
+        """Samples -> images in [-1, 1]: pixels clamped, latents decoded by the VAE (latent preview without one).
+        Gradients flow through the decoder (the regression term); callers that only look use no_grad."""
+        if self._teacher.vae is not None:
+            from dmd_dar.t2i.vae import decode_latents_to_images
+
+            return decode_latents_to_images(self.decoder(), x)
+        return x.clamp(-1, 1) if x.shape[1] in (1, 3) else latent_preview(x)
 
     @torch.no_grad()
     def teacher_sample(self, teacher, noise, ids, sampler: str, steps: int, guidance_scale: float) -> torch.Tensor:
         return sample(self.real_score(teacher, guidance_scale), noise, self.conditions(ids), sampler=sampler, steps=steps)
 
 
-def make_family(backbone: str, teacher: str, device: torch.device, t2i_config: Any = None) -> Family:
-    """The family of `backbone` (the config field `backbone`): "dit" (our DiT) or "diffusers" (text-to-image)."""
+def make_family(backbone: str, teacher: str, device: torch.device, t2i_config: Any = None, vae: str | None = None) -> Family:
+    """The family of `backbone` (the config field `backbone`): "dit" (our DiT; `vae` overrides the VAE its folder
+    records) or "diffusers" (text-to-image; its VAE is t2i.vae)."""
     if backbone == "dit":
-        return DiTFamily(teacher, device)
+        return DiTFamily(teacher, device, vae=vae)
     if backbone == "diffusers":
         from dmd_dar.t2i.family import DiffusersFamily  # imports diffusers: only for diffusers runs
 

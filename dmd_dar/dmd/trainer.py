@@ -8,7 +8,6 @@ same seeds and data order, and ends with one comparative spectral report.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
-from dmd_dar.checkpoint import read_json, run_lock, save_model, write_json
+from dmd_dar.checkpoint import check_output_dir, hub_offline, read_json, run_lock, save_model, write_json
 from dmd_dar.config import save_config
-from dmd_dar.data import DATASET_NAMES, load_dataset
+from dmd_dar.data import DATASET_NAMES, LATENTS_INDEX, load_dataset
 from dmd_dar.diffusion import few_step_sample
 from dmd_dar.dmd.config import DistillConfig
 from dmd_dar.dmd.family import Family, make_family
@@ -88,15 +87,25 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
         ema.num_updates = resumed.step - resumed.skipped_steps
 
     real_images = load_dataset(cfg.gan.dataset, split="train").images if cfg.gan.enabled else None
+    if real_images is not None and tuple(real_images.shape[1:]) != tuple(family.sample_shape):
+        raise UserError(f"gan.dataset={cfg.gan.dataset} holds {list(real_images.shape[1:])} samples but the teacher makes "
+                        f"{list(family.sample_shape)}; a latent teacher needs latent shards (scripts/extract_latents.py)")
     regression = None
     if cfg.regression.enabled:
         from dmd_dar.dmd.regression import RegressionLoss  # LPIPS weights are loaded only when asked for
 
         regression = RegressionLoss.from_config(cfg.regression, family, device, batch_size=cfg.batch_size, seed=cfg.seed)
 
-    student, fake_model, student_opt, fake_opt = accelerator.prepare(student, fake_model, student_opt, fake_opt)
+    # One model with its optimiser per prepare call: FSDP2 takes no more (accelerate 1.15: "Only one model is supported
+    # when using FSDP2") and swaps the parameters for sharded ones, so the lists are taken again afterwards.
+    student, student_opt = accelerator.prepare(student, student_opt)
+    fake_model, fake_opt = accelerator.prepare(fake_model, fake_opt)
     if head is not None:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise UserError("gan.enabled is not supported under FSDP (the head shares the fake score's optimiser); set gan.enabled=false")
         head = accelerator.prepare(head)
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    fake_params = [p for p in fake_model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     raw_student = accelerator.unwrap_model(student)
     if ema is not None:
         ema.model.to(device)
@@ -197,18 +206,48 @@ def teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids:
 def check_inputs(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None:
     """Every input the run reads later, checked before anything is written: the output folder, the initial
     student weights, the datasets named for the report and the GAN term, and the checkpoints to resume."""
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out_dir={out} exists and is not a folder; choose another out_dir")
-    parent = next(p for p in (out, *out.parents) if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"out_dir={out}: {parent} is not writable; choose another out_dir")
+    check_output_dir(cfg.out_dir, "out_dir")
     if cfg.student.init and not (Path(cfg.student.init) / "model.safetensors").is_file():
         raise UserError(f"student.init={cfg.student.init}: no model.safetensors there; pass a DiT folder (e.g. an earlier student)")
     for key, name in (("eval.reference", cfg.eval.reference), ("gan.dataset", cfg.gan.dataset if cfg.gan.enabled else "")):
         if name and name not in DATASET_NAMES and not Path(name).exists():
             raise UserError(f"{key}={name!r} is neither a dataset name ({', '.join(DATASET_NAMES)}) nor an existing folder or .npz")
+    if cfg.regression.enabled:
+        from dmd_dar.dmd.regression import MAKE_PAIRS_HINT, RegressionPairs
+
+        if not cfg.regression.pairs:
+            raise UserError(f"regression.enabled=true needs regression.pairs=<file.npz>; {MAKE_PAIRS_HINT}")
+        try:
+            RegressionPairs.load(cfg.regression.pairs)  # readable and consistent, before anything is written
+        except UserError as err:
+            raise UserError(f"regression.pairs={cfg.regression.pairs}: {err}") from None
+    if cfg.backbone == "diffusers":
+        check_hub_teacher(cfg.teacher)
     check_resumable(cfg, routings)
+
+
+def check_hub_teacher(teacher: str) -> None:
+    """A hub id with the hub switched off must be in the local cache: said in one line before diffusers is even imported
+    (the loader says the same, later, for the cases this cheap look cannot see)."""
+    if Path(teacher).expanduser().exists() or teacher.startswith(("/", ".", "~")) or teacher.count("/") != 1 or not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not any(isinstance(try_to_load_from_cache(teacher, name), str)
+               for name in ("model_index.json", "transformer/config.json", "config.json")):
+        raise UserError(f"teacher weights of hub id {teacher!r}: not available offline (the hub is switched off "
+                        "(HF_HUB_OFFLINE) and they are not in the local cache); download them on a machine with network "
+                        "and pass the local path")
+
+
+def check_student_init(cfg: DistillConfig, family: Family, routings: dict[str, RoutingConfig]) -> None:
+    """student.init must fit each arm's student: tried on a throw-away student before anything is written."""
+    if cfg.student.init:
+        for routing in routings.values():
+            try:
+                family.load_weights(family.trainable(routing, cfg.student.lora_rank), Path(cfg.student.init))
+            except UserError as err:
+                raise UserError(f"student.init={cfg.student.init}: {err}") from None
 
 
 def check_resumable(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None:
@@ -225,10 +264,25 @@ def check_resumable(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> N
                             "use another out_dir, or resume=false to start over there")
 
 
-def quality_reference(cfg: DistillConfig, teacher_images: torch.Tensor):
+def is_latent_reference(cfg: DistillConfig) -> bool:
+    return bool(cfg.eval.reference) and (Path(cfg.eval.reference) / LATENTS_INDEX).is_file()
+
+
+@torch.no_grad()
+def reference_images(cfg: DistillConfig, family: Family, n: int) -> torch.Tensor:
+    """The first n held-out images of eval.reference; latent shards (scripts/extract_latents.py) decoded by the family."""
+    images = load_dataset(cfg.eval.reference, split="heldout").images[:n]
+    if not is_latent_reference(cfg):
+        return images
+    return torch.cat([family.to_images(z.float().to(family.device)).float().cpu() for z in images.split(64)])
+
+
+def quality_reference(cfg: DistillConfig, teacher_images: torch.Tensor, family: Family | None = None):
     """What the monitor's quality is measured against: the real held-out set, or the teacher's probe samples."""
     from dmd_dar.metrics.quality import load_reference
 
+    if family is not None and is_latent_reference(cfg):  # decoded: as many as the largest set it is compared with
+        return load_reference(reference_images(cfg, family, max(cfg.eval.batch, cfg.eval.report_samples)))
     return load_reference(cfg.eval.reference if cfg.eval.reference else teacher_images)
 
 
@@ -239,7 +293,12 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
     routings = cfg.arm_routings()
     check_inputs(cfg, routings)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=cfg.out_dir)
-    family = make_family(cfg.backbone, cfg.teacher, accelerator.device, cfg.t2i)
+    if accelerator.distributed_type == DistributedType.FSDP:  # before the teacher is loaded and anything is written
+        raise UserError("FSDP distillation does not work yet (the routed forwards bypass the blocks' FSDP hooks, and the "
+                        "monitor and checkpoints deadlock on sharded models; see docs/t2i.md, 'FSDP'): launch with DDP "
+                        "(accelerate launch --multi_gpu) on GPUs that hold three copies of the model")
+    family = make_family(cfg.backbone, cfg.teacher, accelerator.device, cfg.t2i, vae=cfg.vae or None)
+    check_student_init(cfg, family, routings)
     for name, routing in routings.items():
         if not routing.function_preserving:
             accelerator.print(f"note: arm {name} uses chunk_size={routing.chunk_size} with summary='last': the student "
@@ -264,7 +323,7 @@ def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[
     teacher_grid = teacher_images(family, cfg, grid_noise, grid_ids)
     fixed = EvalBatch(grid_noise, grid_ids, probe_noise, probe_ids, teacher_images(family, cfg, probe_noise, probe_ids))
     monitor = Monitor(cfg.eval, fixed.teacher_probe_images, labels=probe_ids if cfg.backbone == "dit" else None,
-                      reference=quality_reference(cfg, fixed.teacher_probe_images) if cfg.eval.quality else None)
+                      reference=quality_reference(cfg, fixed.teacher_probe_images, family) if cfg.eval.quality else None)
     if accelerator.is_main_process:
         save_image_grid(teacher_grid, out / "teacher_grid.png", nrow=10, scale=2)
 
@@ -310,7 +369,7 @@ def write_detail_report(cfg: DistillConfig, family: Family, students: dict[str, 
     for name, imgs in sets.items():
         save_images(imgs, out / "samples" / f"{name}.npz")
     if cfg.eval.reference:
-        reference, ref_name = load_dataset(cfg.eval.reference, split="heldout").images[:n], f"real_{cfg.eval.reference}"
+        reference, ref_name = reference_images(cfg, family, n), f"real_{cfg.eval.reference}"
     else:
         ref_name = next(iter(sets))
         reference = sets.pop(ref_name)
@@ -328,7 +387,7 @@ def final_quality(cfg: DistillConfig, sets: dict[str, torch.Tensor], labels: tor
     """The quality of each set of the report (teacher and students, same noises and labels), one line each."""
     from dmd_dar.metrics.quality import evaluate_quality, load_reference
 
-    ref = load_reference(cfg.eval.reference if cfg.eval.reference else reference)
+    ref = load_reference(cfg.eval.reference if cfg.eval.reference and not is_latent_reference(cfg) else reference)
     out = {}
     for name, images in sets.items():
         q = out[name] = evaluate_quality(images, labels, ref)

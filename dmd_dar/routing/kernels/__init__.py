@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dmd_dar.errors import UserError
-from dmd_dar.routing.kernels.reference import aggregate_reference, aggregate_sources, routing_logits, routing_weights
+from dmd_dar.routing.kernels.reference import SourceCache, aggregate_reference, aggregate_sources, routing_logits, routing_weights
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -38,27 +38,42 @@ def _fused():
     return aggregate_triton
 
 
-def aggregate(values, query, key_weight, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+def uses_fused(first_source: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether `aggregate(..., backend=backend)` takes the fused Triton path for sources like this one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"aggregate backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        return True
+    if backend == "auto" and first_source.is_cuda and triton_available():
+        from dmd_dar.routing.kernels import triton_aggregate
+
+        return not triton_aggregate.interpreting()
+    return False
+
+
+def aggregate(values, query, key_weight, eps: float = 1e-6, backend: str = "auto", cache: SourceCache | None = None) -> torch.Tensor:
     """Dispatch the aggregation; returns fp32 [B, T, D].
 
     backend: "auto" = the fused Triton kernel when the values are CUDA tensors and triton imports (compiled,
     not interpreted), else the reference; "torch" = the reference; "triton" = the fused kernel (on the CPU
     only under TRITON_INTERPRET=1, else a UserError).
+    cache: a `SourceCache` shared by the aggregations of one forward, used by the reference path on a list
+    of sources (each source's RMS computed once per forward); the fused path recomputes it in registers.
     """
     if backend not in BACKENDS:
         raise ValueError(f"aggregate backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "triton":
-        return _fused()(values, query, key_weight, eps)
     if not isinstance(values, torch.Tensor):
         values = list(values)
-    if backend == "auto" and _first_source(values).is_cuda and triton_available():
+    if uses_fused(_first_source(values), backend):
+        if backend == "triton":
+            return _fused()(values, query, key_weight, eps)
         from dmd_dar.routing.kernels import triton_aggregate
 
-        if not triton_aggregate.interpreting():
-            return triton_aggregate.aggregate_triton(values, query, key_weight, eps)
+        return triton_aggregate.aggregate_triton(values, query, key_weight, eps)
     if isinstance(values, torch.Tensor):
         return aggregate_reference(values, query, key_weight, eps)
-    return aggregate_sources(values, query, key_weight, eps)
+    return aggregate_sources(values, query, key_weight, eps, cache=cache)
 
 
-__all__ = ["BACKENDS", "aggregate", "aggregate_reference", "aggregate_sources", "routing_logits", "routing_weights", "triton_available"]
+__all__ = ["BACKENDS", "SourceCache", "aggregate", "aggregate_reference", "aggregate_sources", "routing_logits", "routing_weights",
+           "triton_available", "uses_fused"]
