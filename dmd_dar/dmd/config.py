@@ -138,6 +138,8 @@ class DistillConfig:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
         require_positive(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "max_bad_steps")
+        if self.keep_last < 0:
+            raise ConfigError(f"keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
         if self.vae and self.backbone != "dit":
             raise ConfigError("vae is for DiT teachers; a diffusers teacher's VAE is t2i.vae")
         if self.gan.enabled and self.backbone != "dit":

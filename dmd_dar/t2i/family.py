@@ -35,6 +35,7 @@ from dmd_dar.errors import UserError
 from dmd_dar.models.architectures import FLOW, VP_EPS, architecture_of
 from dmd_dar.models.diffusers_dar import (
     BACKBONE_WEIGHTS,
+    LEGACY_BACKBONE_WEIGHTS,
     ROUTER_WEIGHTS,
     convert_to_dar,
     load_dar_pretrained,
@@ -180,7 +181,10 @@ class DiffusersFamily:
         folder = Path(folder)
         if any("lora_" in name for name, _ in model.named_parameters()):
             raise UserError("student.init with LoRA is not supported: merge the LoRA of the initial weights first")
-        files = [folder / BACKBONE_WEIGHTS, folder / ROUTER_WEIGHTS]
+        backbone = folder / BACKBONE_WEIGHTS
+        if not backbone.is_file() and (folder / LEGACY_BACKBONE_WEIGHTS).is_file():
+            backbone = folder / LEGACY_BACKBONE_WEIGHTS  # an export of format 1 (before DAR students hid from stock loaders)
+        files = [backbone, folder / ROUTER_WEIGHTS]
         if not all(f.is_file() for f in files):
             raise UserError(f"{folder} is not a DAR export (needs {BACKBONE_WEIGHTS} and {ROUTER_WEIGHTS}; write it with save_dar_pretrained)")
         state = {k: v for f in files for k, v in load_file(str(f)).items()}

@@ -131,6 +131,8 @@ class TeacherTrainConfig:
     def __post_init__(self):
         self.mixed_precision = mixed_precision_value(self.mixed_precision)
         require_positive(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "max_bad_steps")
+        if self.keep_last < 0:
+            raise ConfigError(f"keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
         if self.t_sampler not in T_SAMPLER_KINDS:
             raise ConfigError(f"t_sampler={self.t_sampler!r} is not one of {', '.join(T_SAMPLER_KINDS)}")
         if self.sample.sampler not in SAMPLERS:
