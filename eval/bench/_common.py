@@ -89,6 +89,18 @@ def randomise_router(model, scale: float = 0.02) -> None:
                 p.normal_(0.0, scale)
 
 
+def flow_matching_batch(size, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A seeded training batch at `size` (batch, channels, input_size, num_classes): x_t, t, y and the velocity target."""
+    from dmd_dar.diffusion import interpolate
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (size.batch, size.channels, size.input_size, size.input_size)
+    x0, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    t = torch.rand(size.batch, generator=gen)
+    y = torch.randint(0, size.num_classes, (size.batch,), generator=gen)
+    return interpolate(x0, noise, t), t, y, noise - x0
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

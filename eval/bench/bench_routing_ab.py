@@ -87,13 +87,7 @@ def main(argv=None) -> None:
     C.randomise_router(models[tag + " (baseline)"])
     models[tag] = C.build_dit(size, dar, torch.device("cpu"))
     models[tag].load_state_dict(models[tag + " (baseline)"].state_dict())
-    gen = torch.Generator().manual_seed(0)
-    shape = (size.batch, size.channels, size.input_size, size.input_size)
-    x0, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    t = torch.rand(size.batch, generator=gen)
-    y = torch.randint(0, size.num_classes, (size.batch,), generator=gen)
-    tb = t.view(-1, 1, 1, 1)
-    x_t, target = (1 - tb) * x0 + tb * noise, noise - x0
+    x_t, t, y, target = C.flow_matching_batch(size)
 
     def context(name):
         return baseline_aggregation(base) if name.endswith("(baseline)") else contextlib.nullcontext()

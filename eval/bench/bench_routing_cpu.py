@@ -98,13 +98,7 @@ def build_variant(name: str, size: types.SimpleNamespace) -> dict:
     if model.routing.mode == "dar":
         C.randomise_router(model)
     model.train()
-    gen = torch.Generator().manual_seed(0)
-    shape = (size.batch, size.channels, size.input_size, size.input_size)
-    x0, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    t = torch.rand(size.batch, generator=gen)
-    y = torch.randint(0, size.num_classes, (size.batch,), generator=gen)
-    tb = t.view(-1, 1, 1, 1)
-    x_t, target = (1 - tb) * x0 + tb * noise, noise - x0
+    x_t, t, y, target = C.flow_matching_batch(size)
 
     def loss():
         return F.mse_loss(model(x_t, t, y), target)
