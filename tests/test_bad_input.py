@@ -287,6 +287,7 @@ CASES = [
          env={"HF_HUB_OFFLINE": "1"}),
     Case("distill-out-is-a-file", [D, "--config", "{distill_yaml}", "out_dir={a_file}"], "not a folder", out="{a_file}"),
     Case("distill-out-under-a-file", [D, "--config", "{distill_yaml}", "out_dir={a_file}/run"], "a_file", out="{a_file}"),
+    Case("distill-teacher-cache-is-a-file", [D, *DCFG, "eval.teacher_cache={a_file}"], "eval.teacher_cache"),
     Case("distill-resume-other-routing", [D, *DCFG, "student.routing.query=dynamic"], "resume=false", setup="static_t_run"),
     Case("distill-config-missing", [D, "--config", "/nonexistent/config.yaml", "out_dir={out}"], "not found"),
     Case("distill-config-bad-yaml", [D, "--config", "{bad_yaml}", "out_dir={out}"], "bad.yaml"),

@@ -344,3 +344,31 @@ def test_a_teacher_with_non_finite_weights_is_named_and_nothing_is_written(tmp_p
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and f"teacher {teacher} has non-finite weights" in lines[0], res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_teacher_samples_are_cached_by_weights_guidance_and_noises(tmp_path, monkeypatch):
+    """eval.teacher_cache: a second run of the same teacher and seed reads the teacher's samples instead of
+    sampling, and gets the same report; another guidance or another teacher is another entry."""
+    import dmd_dar.dmd.trainer as trainer
+    from dmd_dar.image_io import load_images
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cache = tmp_path / "cache"
+    base = ["steps=1", f"eval.teacher_cache={cache}"]
+    cfg_path = tiny_config(tmp_path, teacher)
+    run_distillation(load_config(cfg_path, [*base, f"out_dir={tmp_path / 'a'}"], DistillConfig))
+    (entry,) = cache.glob("teacher_*.safetensors")
+
+    calls = []
+    real = trainer.teacher_images
+    monkeypatch.setattr(trainer, "teacher_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_distillation(load_config(cfg_path, [*base, f"out_dir={tmp_path / 'b'}"], DistillConfig))
+    assert calls == [], "the second run sampled the teacher again"
+    a = load_images(tmp_path / "a" / "samples" / "teacher_2step.npz")
+    b = load_images(tmp_path / "b" / "samples" / "teacher_2step.npz")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    run_distillation(load_config(cfg_path, [*base, f"out_dir={tmp_path / 'c'}", "dm.guidance_scale=3.0"], DistillConfig))
+    other = tiny_teacher(tmp_path / "teacher2", seed=1)
+    run_distillation(load_config(cfg_path, [*base, f"out_dir={tmp_path / 'd'}", f"teacher={other}"], DistillConfig))
+    assert len(calls) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 3

@@ -93,6 +93,9 @@ class EvalConfig:
     batch: int = 64
     quality: bool = True  # classifier FD / accuracy / precision / recall on the batch (KID where no classifier applies)
     select: str = ""  # metric that picks the exported student ("" = the last one), e.g. fd, kid, accuracy, recall
+    # folder of the teacher's evaluation samples, keyed by a hash of the teacher's weights, sampler, guidance and
+    # noises ("" = sample them every run); runs of one seed (the arms of an experiment) then sample the teacher once
+    teacher_cache: str = ""
 
     def __post_init__(self):
         if self.teacher_sampler not in SAMPLERS:

@@ -204,7 +204,9 @@ def plan_experiment(config: str | os.PathLike, seeds: Sequence[int], arms: Seque
             for arm in plan.arms:
                 name = f"{arm}_s{seed}{suffix}"
                 routing = [f"student.routing.{k}={v}" for k, v in ARMS[arm].items()]
-                run_overrides = (*plan.overrides, *(f"{k}={v}" for k, v in assignment), *routing,
+                # the arms of one seed share their teacher samples: sampled once, by the first run (a later override wins)
+                run_overrides = (f"eval.teacher_cache={out / 'teacher_samples'}", *plan.overrides,
+                                 *(f"{k}={v}" for k, v in assignment), *routing,
                                  f"seed={seed}", f"out_dir={out / 'runs' / name}", "arms=[]")
                 spec = RunSpec(name, arm, int(seed), assignment, tuple(run_overrides))
                 if name in names:
@@ -230,6 +232,7 @@ def _comparable(cfg: DistillConfig) -> dict[str, Any]:
     """The resolved config a finished run is matched by (its folder may move with the experiment)."""
     data = to_dict(cfg)
     data.pop("out_dir")
+    data["eval"].pop("teacher_cache", None)  # where the teacher's samples are kept does not change them
     return data
 
 

@@ -8,6 +8,8 @@ same seeds and data order, and ends with one comparative spectral report.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,10 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dmd_dar.checkpoint import check_output_dir, hub_offline, read_json, run_lock, save_model, write_json
+from dmd_dar.checkpoint import atomic_write, check_output_dir, hub_offline, read_json, run_lock, save_model, write_json
 from dmd_dar.config import save_config
 from dmd_dar.data import DATASET_NAMES, LATENTS_INDEX, load_dataset
 from dmd_dar.diffusion import few_step_sample
@@ -193,6 +196,34 @@ def student_images(family: Family, student: nn.Module, noise: torch.Tensor, ids:
     return torch.cat(out)
 
 
+def teacher_sample_key(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor) -> str:
+    """What the teacher's samples are a function of: its weights, the sampler, the guidance, noises and conditions."""
+    h = hashlib.sha256(json.dumps([type(family).__name__, cfg.eval.teacher_sampler, cfg.eval.teacher_steps,
+                                   cfg.dm.guidance_scale, list(noise.shape)]).encode())
+    for name, tensor in sorted(family.teacher().state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for t in (noise, ids):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached_teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`teacher_images`, read from (or written to) eval.teacher_cache when one is set."""
+    if not cfg.eval.teacher_cache:
+        return teacher_images(family, cfg, noise, ids)
+    path = Path(cfg.eval.teacher_cache) / f"teacher_{teacher_sample_key(family, cfg, noise, ids)}.safetensors"
+    if path.is_file():
+        with contextlib.suppress(Exception):  # unreadable or of another shape: sample again and replace it
+            images = load_file(path)["images"]
+            if images.shape[0] == len(noise) and torch.isfinite(images).all():
+                return images
+    images = teacher_images(family, cfg, noise, ids)
+    # atomic: the concurrent runs of one experiment may write the same file
+    atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp))
+    return images
+
+
 @torch.no_grad()
 def teacher_images(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     device = family.device
@@ -207,6 +238,8 @@ def check_inputs(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None
     """Every input the run reads later, checked before anything is written: the output folder, the initial
     student weights, the datasets named for the report and the GAN term, and the checkpoints to resume."""
     check_output_dir(cfg.out_dir, "out_dir")
+    if cfg.eval.teacher_cache:
+        check_output_dir(cfg.eval.teacher_cache, "eval.teacher_cache")
     if cfg.student.init and not (Path(cfg.student.init) / "model.safetensors").is_file():
         raise UserError(f"student.init={cfg.student.init}: no model.safetensors there; pass a DiT folder (e.g. an earlier student)")
     for key, name in (("eval.reference", cfg.eval.reference), ("gan.dataset", cfg.gan.dataset if cfg.gan.enabled else "")):
@@ -315,14 +348,17 @@ def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[
         accelerator.init_trackers("tb")
 
     t0 = time.time()
-    g = step_generator(cfg.seed, 0, stream=1000)
-    n_grid, n_probe = cfg.eval.grid_images, cfg.eval.batch
-    grid_noise = torch.randn((n_grid, *family.sample_shape), generator=g)
-    probe_noise = torch.randn((n_probe, *family.sample_shape), generator=g)
-    grid_ids, probe_ids = torch.arange(n_grid) % family.num_conditions, torch.arange(n_probe) % family.num_conditions
-    teacher_grid = teacher_images(family, cfg, grid_noise, grid_ids)
-    fixed = EvalBatch(grid_noise, grid_ids, probe_noise, probe_ids, teacher_images(family, cfg, probe_noise, probe_ids))
-    monitor = Monitor(cfg.eval, fixed.teacher_probe_images, labels=probe_ids if cfg.backbone == "dit" else None,
+    # One set of evaluation noises, sampled once by the (multi-step, expensive) teacher: the grid is its first
+    # grid_images, the monitor's probe the next eval.batch, the end-of-run report the first report_samples.
+    n_grid, n_probe, n_report = cfg.eval.grid_images, cfg.eval.batch, cfg.eval.report_samples
+    g = step_generator(cfg.seed, 0, stream=2000)
+    noise = torch.randn((max(n_grid + n_probe, n_report), *family.sample_shape), generator=g)
+    ids = torch.arange(len(noise)) % family.num_conditions
+    teacher_all = cached_teacher_images(family, cfg, noise, ids)
+    grid, probe = slice(0, n_grid), slice(n_grid, n_grid + n_probe)
+    teacher_grid = teacher_all[grid]
+    fixed = EvalBatch(noise[grid], ids[grid], noise[probe], ids[probe], teacher_all[probe])
+    monitor = Monitor(cfg.eval, fixed.teacher_probe_images, labels=fixed.probe_ids if cfg.backbone == "dit" else None,
                       reference=quality_reference(cfg, fixed.teacher_probe_images, family) if cfg.eval.quality else None)
     if accelerator.is_main_process:
         save_image_grid(teacher_grid, out / "teacher_grid.png", nrow=10, scale=2)
@@ -338,8 +374,9 @@ def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[
             summary["arms"][name] = {"student": str(folder), **read_json(out / name / "summary.json")}
         save_comparison(grids, out / "comparison.png", per_row=10)
         plot_monitor({name: out / name / "log.csv" for name in students}, out / "monitor.png")
-        if cfg.eval.report_samples > 0:
-            summary["report"] = write_detail_report(cfg, family, students, out)
+        if n_report > 0:
+            summary["report"] = write_detail_report(cfg, family, students, out, noise[:n_report], ids[:n_report],
+                                                    teacher_all[:n_report])
         summary["seconds"] = round(time.time() - t0, 1)
         write_json(out / "summary.json", summary)
     accelerator.end_training()
@@ -354,16 +391,15 @@ def save_comparison(grids: dict[str, torch.Tensor], path: Path, per_row: int) ->
                                            "order": list(grids)})
 
 
-def write_detail_report(cfg: DistillConfig, family: Family, students: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Sample `eval.report_samples` images from the teacher (multi-step) and each student with the same noises
-    and conditions, save them as .npz, and write the spectral report against real held-out data."""
+def write_detail_report(cfg: DistillConfig, family: Family, students: dict[str, Path], out: Path, noise: torch.Tensor,
+                        ids: torch.Tensor, teacher: torch.Tensor) -> dict[str, Any]:
+    """Sample each student on the noises and conditions of the teacher's (multi-step) images `teacher`, save
+    every set as .npz, and write the spectral report against real held-out data."""
     from dmd_dar.image_io import save_images
     from dmd_dar.spectral.report import write_report
 
-    n, K = cfg.eval.report_samples, len(cfg.student.timesteps)
-    g = step_generator(cfg.seed, 0, stream=2000)
-    noise, ids = torch.randn((n, *family.sample_shape), generator=g), torch.arange(n) % family.num_conditions
-    sets = {f"teacher_{cfg.eval.teacher_steps}step": teacher_images(family, cfg, noise, ids)}
+    n, K = len(noise), len(cfg.student.timesteps)
+    sets = {f"teacher_{cfg.eval.teacher_steps}step": teacher}
     for name, folder in students.items():
         sets[f"student_{name}_{K}step"] = student_images(family, family.load_student(folder), noise, ids, cfg.student.timesteps)
     for name, imgs in sets.items():
