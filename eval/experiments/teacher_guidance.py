@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from dmd_dar.checkpoint import BUNDLED_TEACHER
 from dmd_dar.metrics.quality import evaluate_quality, load_reference
 from dmd_dar.models import DiT
 from dmd_dar.teacher.training import SampleConfig, sample_grid_labels, sample_teacher
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = DiT.from_pretrained("dmd_dar/assets/teacher" if args.teacher == "bundled" else args.teacher).eval()
+    model = DiT.from_pretrained(BUNDLED_TEACHER if args.teacher == "bundled" else args.teacher).eval()
     shape = (model.in_channels, model.input_size, model.input_size)
     noise = torch.randn((args.n, *shape), generator=step_generator(args.seed, 0, stream=98))  # the quality curve's noises
     labels = sample_grid_labels(args.n, model.num_classes)
