@@ -221,5 +221,6 @@ def test_an_interrupted_run_resumes_through_the_trainer_and_ends_as_the_uninterr
 def test_twemoji_config_loads_with_a_real_reference_and_no_guidance():
     cfg = load_config(REPO / "configs" / "twemoji_dmd2.yaml", [], DistillConfig)
     assert (cfg.teacher, cfg.eval.reference, cfg.eval.quality, cfg.student.timesteps) == (
-        "runs/teacher_twemoji/teacher", "twemoji32", True, [1.0])
+        "docs/results/teacher_twemoji", "twemoji32", True, [1.0])
+    assert (REPO / cfg.teacher / "model.safetensors").is_file()  # committed: a fresh clone can run the recipe
     assert cfg.dm.guidance_scale == 1.0  # unconditional teacher: nothing to guide with
