@@ -372,3 +372,33 @@ def test_teacher_samples_are_cached_by_weights_guidance_and_noises(tmp_path, mon
     other = tiny_teacher(tmp_path / "teacher2", seed=1)
     run_distillation(load_config(cfg_path, [*base, f"out_dir={tmp_path / 'd'}", f"teacher={other}"], DistillConfig))
     assert len(calls) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 3
+
+
+def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path):
+    """DMD2's second stage in one run: the discriminator and generator GAN losses are logged (and trained) only
+    from student update `gan.start_step` on, and the head trains from there."""
+    import numpy as np
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    real = np.random.default_rng(0).integers(0, 256, size=(16, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", real)
+    cfg = load_config(tiny_config(tmp_path, teacher, steps=4, checkpoint_every=2),
+                      ["eval.report_samples=0", "gan.enabled=true", f"gan.dataset={tmp_path / 'real.npz'}",
+                       "gan.start_step=2", "gan.discriminator_weight=0.01"], DistillConfig)
+    run_distillation(cfg)
+    with open(Path(cfg.out_dir) / "dar" / "log.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert [bool(rows[s]["disc_loss"]) for s in (1, 2, 3, 4)] == [False, False, True, True]
+    assert [bool(rows[s]["gan_loss"]) for s in (1, 2, 3, 4)] == [False, False, True, True]
+    ckpts = sorted((Path(cfg.out_dir) / "dar").glob("checkpoints/*"))
+    assert len(ckpts) == 2
+    first, last = weights(ckpts[0] / "gan_head"), weights(ckpts[1] / "gan_head")
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_gan_start_step_past_the_run_is_refused(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher)
+    assert_one_line_error(run_cli(["scripts/distill.py", "--config", str(cfg), "gan.enabled=true", "gan.start_step=4"]),
+                          "gan.start_step")
+    assert not (tmp_path / "run").exists()

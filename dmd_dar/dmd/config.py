@@ -68,8 +68,15 @@ class DMConfig:
 class GanConfig:
     enabled: bool = False
     weight: float = 3e-3  # generator weight (DMD2 stage 2)
-    discriminator_weight: float = 1.0
+    discriminator_weight: float = 1.0  # DMD2's scripts use 1e-2 (cls_loss_weight / guidance_cls_loss_weight)
     dataset: str = "mnist"  # real images for the discriminator (the head reads the fake score's features)
+    # DMD2's second stage in one run: the GAN terms (discriminator and generator) join after this many DM-only
+    # student updates; 0 = from the first update
+    start_step: int = 0
+
+    def __post_init__(self):
+        if self.start_step < 0:
+            raise ConfigError(f"gan.start_step={self.start_step} must be >= 0 (0 = the GAN term from the first step)")
 
 
 @dataclass
@@ -147,6 +154,9 @@ class DistillConfig:
             raise ConfigError("vae is for DiT teachers; a diffusers teacher's VAE is t2i.vae")
         if self.gan.enabled and self.backbone != "dit":
             raise ConfigError("gan.enabled is supported for DiT teachers only (the discriminator needs real images)")
+        if self.gan.enabled and self.gan.start_step >= self.steps:
+            raise ConfigError(f"gan.start_step={self.gan.start_step} is not below steps={self.steps}: the GAN term would never "
+                              "run; lower it or raise steps")
         for arm in self.arms:
             if arm not in ("dar", "residual"):
                 raise ConfigError(f"arms entry {arm!r} is not 'dar' or 'residual'")

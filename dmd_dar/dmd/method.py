@@ -107,6 +107,9 @@ class DMD:
     def generate(self, d: Draw, cond: Any) -> torch.Tensor:
         return few_step_sample(self.student_x0, d.noise, cond, self.cfg.student.timesteps, renoise=d.renoise, train_step=d.train_step)
 
+    def gan_active(self, step: int) -> bool:
+        return self.real_images is not None and step >= self.cfg.gan.start_step
+
     def fake_score_loss(self, step: int, j: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The fake score's denoising loss on detached student samples (+ the discriminator's loss)."""
         d = self.draw(step, stream=1 + j)
@@ -116,7 +119,7 @@ class DMD:
         with self.autocast():
             loss = self.fake.denoising_loss(x, d.t_noise, d.t, cond)
             logs = {}
-            if self.real_images is not None:
+            if self.gan_active(step):
                 n_fake = self.cfg.fake.updates_per_student_step
                 idx = batch_indices(step * n_fake + j, self.cfg.batch_size, len(self.real_images), self.cfg.seed)[self.local]
                 real_t = interpolate(self.real_images[idx].to(x.device), d.t_noise, d.t)
@@ -134,7 +137,7 @@ class DMD:
             x = self.generate(d, cond)  # backward simulation: only step d.train_step carries the gradient
             loss = losses.noised_dm_loss(x, cond, self.real_x0, self.fake_unwrapped.x0, d.t, d.t_noise)
             logs = {"dm_loss": loss.item()}
-            if self.real_images is not None:
+            if self.gan_active(step):
                 g_loss = losses.gan_generator_loss(self.fake_unwrapped.gan_logits(interpolate(x, d.t_noise, d.t), d.t, cond))
                 logs["gan_loss"] = g_loss.item()
                 loss = loss + self.cfg.gan.weight * g_loss
