@@ -5,6 +5,7 @@ Unknown keys and values of the wrong type are errors that name the key (ConfigEr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +75,12 @@ def parse_config_args(description: str, schema: type[T], argv: Sequence[str] | N
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 student.routing.mode=residual")
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides, schema)
+
+
+def check_time_limit(minutes: float) -> None:
+    """`time_limit_min` of the trainers: a finite number of minutes >= 0 (0 = no limit)."""
+    if not (math.isfinite(minutes) and minutes >= 0):
+        raise ConfigError(f"time_limit_min={minutes} must be a number of minutes >= 0 (0 = no limit)")
 
 
 def require_positive(config: Any, *names: str, prefix: str = "") -> None:

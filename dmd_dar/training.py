@@ -356,12 +356,15 @@ def run_loop(
     sample: Callable[[int], None] | None = None,
     progress: Sequence[str] = ("loss",),
     log_prefix: str = "",
-) -> tuple[int, float]:
+    deadline: float | None = None,
+) -> tuple[int, float, int]:
     """The one training loop of both trainers: progress bar, the non-finite guard (skip, count, stop after
     `max_bad_steps` in a row keeping the last good checkpoint), EMA of `model`, and the log / evaluate /
     sample / checkpoint cadence. `train_step(step)` does the work of one step. Evaluation and samples run
     on the main process; checkpoints on every process (the state dicts are gathered collectively).
-    Returns (skipped steps, seconds)."""
+    `deadline` (a `time.monotonic()` value): after the first step that ends past it, the loop writes a checkpoint
+    and stops early, so that running the same command again resumes where it stopped (a wall-clock budget).
+    Returns (skipped steps, seconds, the step reached)."""
     main = accelerator.is_main_process
     logger = CSVLogger(run_dir / "log.csv", resume_step=resumed.step) if main else None
     skipped, bad_in_a_row, good, t0 = resumed.skipped_steps, 0, 0, time.time()
@@ -391,12 +394,37 @@ def run_loop(
             bar.set_postfix({k: f"{values[k]:.4g}" for k in progress if k in values})
         if main and sample is not None and cadence.due(done, cadence.sample_every):
             sample(done)
-        if cadence.due(done, cadence.checkpoint_every):
+        saved = cadence.due(done, cadence.checkpoint_every)
+        if saved:
             save_checkpoint(done, skipped)
+        if done < cadence.steps and past_deadline(accelerator, deadline):
+            if not saved:
+                save_checkpoint(done, skipped)
+            bar.close()
+            accelerator.print(f"{name}: time limit reached after step {done} of {cadence.steps}; checkpoint written, "
+                              "run the same command again to resume")
+            return skipped, time.time() - t0, done
     if good == 0 and cadence.steps > resumed.step:
         raise TrainingDiverged(f"every one of the {cadence.steps - resumed.step} steps had a non-finite loss or gradient and "
                                "was skipped: nothing was trained. Lower the learning rates or check the data / teacher")
-    return skipped, time.time() - t0
+    return skipped, time.time() - t0, cadence.steps
+
+
+def past_deadline(accelerator, deadline: float | None) -> bool:
+    """Whether the wall-clock budget is spent, decided on the main process and shared, so that every process stops
+    after the same step (a process that stopped alone would hang the others' next collective)."""
+    if deadline is None:
+        return False
+    late = time.monotonic() >= deadline
+    if accelerator.num_processes == 1:
+        return late
+    flag = torch.tensor([float(late and accelerator.is_main_process)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
+def deadline_after(minutes: float, start: float) -> float | None:
+    """The `run_loop` deadline of a `time_limit_min` setting (0: none), counted from `start` (time.monotonic())."""
+    return start + 60.0 * minutes if minutes > 0 else None
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:

@@ -228,6 +228,8 @@ def test_quality_of_an_mnist_shaped_run_is_monitored_and_reported(tmp_path):
         (["eval.reference=bogus"], "eval.reference"),
         (["student.init=/nonexistent/student"], "student.init"),
         (["out_dir={file}"], "not a folder"),
+        (["time_limit_min=-1"], "time_limit_min"),
+        (["time_limit_min=nan"], "time_limit_min"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, needle):
@@ -402,3 +404,25 @@ def test_gan_start_step_past_the_run_is_refused(tmp_path):
     assert_one_line_error(run_cli(["scripts/distill.py", "--config", str(cfg), "gan.enabled=true", "gan.start_step=4"]),
                           "gan.start_step")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes_to_the_uninterrupted_student(tmp_path):
+    """time_limit_min: the loop stops after the first step past the budget (here: every step is past it), writes a
+    checkpoint there, exports and reports that student; the same command without the limit resumes to `steps` and
+    ends at exactly the student of a run that was never stopped."""
+    teacher = tiny_teacher(tmp_path / "teacher")
+    cfg_path = tiny_config(tmp_path, teacher, steps=4, checkpoint_every=4)
+    whole = load_config(cfg_path, [f"out_dir={tmp_path / 'whole'}", "eval.report_samples=0"], DistillConfig)
+    run_distillation(whole)
+    cut = [f"out_dir={tmp_path / 'cut'}", "eval.report_samples=0"]
+    summary = run_distillation(load_config(cfg_path, [*cut, "time_limit_min=1e-9"], DistillConfig))
+    arm = summary["arms"]["dar"]
+    assert arm["steps_done"] == 1 and arm["exported_step"] == 1 and arm["steps"] == 4
+    assert [p.name for p in (tmp_path / "cut" / "dar" / "checkpoints").iterdir()] == ["step_00000001"]
+    assert (tmp_path / "cut" / "dar" / "student" / "model.safetensors").is_file()
+    summary = run_distillation(load_config(cfg_path, cut, DistillConfig))
+    assert summary["arms"]["dar"]["steps_done"] == 4
+    a, b = weights(tmp_path / "whole" / "dar" / "student"), weights(tmp_path / "cut" / "dar" / "student")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -1,4 +1,5 @@
 """Teacher training: resume reproduces the uninterrupted run; REPA; bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,22 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
     steps = [int(line.split(",")[0]) for line in (tmp_path / "run2" / "log.csv").read_text().splitlines()[1:]]
     assert steps == [2, 3, 4, 6]  # the stopped run logged its last step; the resumed run continued after it
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_resuming_ends_with_the_same_weights(tmp_path):
+    """time_limit_min (every step past it here): stop after step 1 with a checkpoint and a teacher written; the
+    same command without the limit resumes to the weights of the uninterrupted run."""
+    cfg_path = tiny_config(tmp_path)
+    full = train_teacher(load_config(cfg_path, [], TeacherTrainConfig))
+    part = [f"out_dir={tmp_path / 'run2'}"]
+    train_teacher(load_config(cfg_path, part + ["time_limit_min=1e-9"], TeacherTrainConfig))
+    assert [p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()] == ["step_00000001"]
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["steps_done"] == 1
+    resumed = train_teacher(load_config(cfg_path, part, TeacherTrainConfig))
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["steps_done"] == 6
+    a, b = load_model_files(full).state_dict, load_model_files(resumed).state_dict
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_repa_loss_known_answers():
@@ -152,7 +169,8 @@ def test_init_starts_from_a_folder_of_the_same_architecture(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [(["lr_schedule=linear"], "lr_schedule"), (["quality.samples=2"], "quality.samples"),
                                              (["quality.samples=8", "quality.every=3"], "multiple of log_every"),
-                                             (["lr_final_ratio=2"], "lr_final_ratio")])
+                                             (["lr_final_ratio=2"], "lr_final_ratio"),
+                                             (["time_limit_min=-1"], "time_limit_min")])
 def test_schedule_and_curve_settings_are_validated(tmp_path, override, needle):
     from dmd_dar.errors import ConfigError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dmd_dar.config import require_positive
+from dmd_dar.config import check_time_limit, require_positive
 from dmd_dar.diffusion import SAMPLERS, check_timesteps
 from dmd_dar.errors import ConfigError
 from dmd_dar.routing import RoutingConfig
@@ -135,6 +135,9 @@ class DistillConfig:
     keep_last: int = 2
     resume: bool = True
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint stays)
+    # wall-clock budget of the job, from its start: training stops (with a checkpoint) after the first step past it,
+    # then the student is exported and reported as usual; the same command resumes to `steps`. 0 = no limit
+    time_limit_min: float = 0.0
     student: StudentConfig = field(default_factory=StudentConfig)
     fake: FakeConfig = field(default_factory=FakeConfig)
     dm: DMConfig = field(default_factory=DMConfig)
@@ -150,6 +153,7 @@ class DistillConfig:
         require_positive(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "max_bad_steps")
         if self.keep_last < 0:
             raise ConfigError(f"keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
+        check_time_limit(self.time_limit_min)
         if self.vae and self.backbone != "dit":
             raise ConfigError("vae is for DiT teachers; a diffusers teacher's VAE is t2i.vae")
         if self.gan.enabled and self.backbone != "dit":

@@ -204,8 +204,9 @@ def plan_experiment(config: str | os.PathLike, seeds: Sequence[int], arms: Seque
             for arm in plan.arms:
                 name = f"{arm}_s{seed}{suffix}"
                 routing = [f"student.routing.{k}={v}" for k, v in ARMS[arm].items()]
-                # the arms of one seed share their teacher samples: sampled once, by the first run (a later override wins)
-                run_overrides = (f"eval.teacher_cache={out / 'teacher_samples'}", *plan.overrides,
+                # the arms of one seed share their teacher samples: sampled once, by the first run (a later override wins);
+                # every run trains all its steps: a wall-clock cap would make arms differ by the machine's load
+                run_overrides = (f"eval.teacher_cache={out / 'teacher_samples'}", "time_limit_min=0", *plan.overrides,
                                  *(f"{k}={v}" for k, v in assignment), *routing,
                                  f"seed={seed}", f"out_dir={out / 'runs' / name}", "arms=[]")
                 spec = RunSpec(name, arm, int(seed), assignment, tuple(run_overrides))

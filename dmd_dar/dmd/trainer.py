@@ -36,6 +36,7 @@ from dmd_dar.training import (
     EMA,
     Cadence,
     Resumed,
+    deadline_after,
     latest_checkpoint,
     load_run_checkpoint,
     local_slice,
@@ -60,7 +61,7 @@ class EvalBatch:
 
 # ------------------------------------------------------------------------------------------- one arm
 def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_dir: Path, accelerator, fixed: EvalBatch,
-                monitor: Monitor) -> Path:
+                monitor: Monitor, deadline: float | None = None) -> Path:
     """Distill one student; returns its exported model folder (run_dir/student)."""
     device = accelerator.device
     torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
@@ -156,9 +157,10 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cadence = Cadence(cfg.steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every, eval_every=cfg.eval.every)
-    skipped, seconds = run_loop(accelerator, f"distill[{run_dir.name}]", run_dir, cadence, method.train_step, save_checkpoint,
-                                resumed, cfg.max_bad_steps, ema=ema, model=raw_student, evaluate=evaluate, sample=sample,
-                                progress=("dm_loss", "fake_loss"), log_prefix=f"{run_dir.name}/")
+    skipped, seconds, reached = run_loop(accelerator, f"distill[{run_dir.name}]", run_dir, cadence, method.train_step,
+                                         save_checkpoint, resumed, cfg.max_bad_steps, ema=ema, model=raw_student,
+                                         evaluate=evaluate, sample=sample, progress=("dm_loss", "fake_loss"),
+                                         log_prefix=f"{run_dir.name}/", deadline=deadline)
 
     final = run_dir / "student"
     export_state = ema.model.state_dict() if ema is not None else accelerator.get_state_dict(student)
@@ -170,8 +172,9 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
             family.export(family.load_student(best_dir), final)
         else:
             family.export(ema.model if ema is not None else raw_student, final)
-        write_json(run_dir / "summary.json", {"steps": cfg.steps, "skipped_steps": skipped, "train_seconds": round(seconds, 1),
-                                              "routing": routing.to_dict(), "exported_step": best.step if best else cfg.steps,
+        write_json(run_dir / "summary.json", {"steps": cfg.steps, "steps_done": reached, "skipped_steps": skipped,
+                                              "train_seconds": round(seconds, 1), "routing": routing.to_dict(),
+                                              "exported_step": best.step if best else reached,
                                               "selected_by": cfg.eval.select or "last"})
     accelerator.wait_for_everyone()
     return final
@@ -326,6 +329,7 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
     """The main job: distill each arm, then grids, samples and the spectral report. Returns the summary."""
     from accelerate import Accelerator
 
+    start = time.monotonic()  # the job's wall-clock budget (time_limit_min) counts from here
     routings = cfg.arm_routings()
     check_inputs(cfg, routings)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=cfg.out_dir)
@@ -341,10 +345,11 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
                               "does not start as the teacher's function (summary='sum' does)")
     out = Path(cfg.out_dir)
     with run_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
-        return distill_all(cfg, accelerator, family, routings, out)
+        return distill_all(cfg, accelerator, family, routings, out, deadline_after(cfg.time_limit_min, start))
 
 
-def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[str, RoutingConfig], out: Path) -> dict[str, Any]:
+def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[str, RoutingConfig], out: Path,
+                deadline: float | None = None) -> dict[str, Any]:
     """Everything `run_distillation` writes, under the run's lock."""
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -366,7 +371,7 @@ def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[
     if accelerator.is_main_process:
         save_image_grid(teacher_grid, out / "teacher_grid.png", nrow=10, scale=2)
 
-    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed, monitor)
+    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed, monitor, deadline)
                 for name, routing in routings.items()}
     summary: dict[str, Any] = {"teacher": cfg.teacher, "arms": {}}
     if accelerator.is_main_process:

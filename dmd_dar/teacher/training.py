@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dmd_dar.checkpoint import BUNDLED_TEACHER, run_lock, write_json
-from dmd_dar.config import require_positive, save_config, to_dict
+from dmd_dar.config import check_time_limit, require_positive, save_config, to_dict
 from dmd_dar.data import load_dataset
 from dmd_dar.diffusion import SAMPLERS, T_SAMPLER_KINDS, VelocityDenoiser, cfg_denoiser, flow_matching_loss, sample, sample_t
 from dmd_dar.errors import ConfigError, UserError
@@ -30,6 +31,7 @@ from dmd_dar.training import (
     Resumed,
     StepResult,
     batch_indices,
+    deadline_after,
     guarded_update,
     local_slice,
     lr_lambda,
@@ -118,6 +120,9 @@ class TeacherTrainConfig:
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint in out_dir when there is one
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint stays)
+    # wall-clock budget from the start: training stops with a checkpoint after the first step past it (the EMA so
+    # far is written as the teacher); the same command resumes to `steps`. 0 = no limit
+    time_limit_min: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
@@ -133,6 +138,7 @@ class TeacherTrainConfig:
         require_positive(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "max_bad_steps")
         if self.keep_last < 0:
             raise ConfigError(f"keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
+        check_time_limit(self.time_limit_min)
         if self.t_sampler not in T_SAMPLER_KINDS:
             raise ConfigError(f"t_sampler={self.t_sampler!r} is not one of {', '.join(T_SAMPLER_KINDS)}")
         if self.sample.sampler not in SAMPLERS:
@@ -210,6 +216,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     """Train (or resume) a teacher; returns the folder of the final EMA model (out_dir/teacher)."""
     from accelerate import Accelerator
 
+    start = time.monotonic()  # time_limit_min counts from here
     out = Path(cfg.out_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out))
     device, local = accelerator.device, local_slice(cfg.batch_size, accelerator.process_index, accelerator.num_processes)
@@ -306,12 +313,14 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
             accelerator.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
             return values
 
-        _, seconds = run_loop(accelerator, "teacher", out, cadence, train_step, save_checkpoint, resumed, cfg.max_bad_steps,
-                              ema=ema, model=raw_model, evaluate=evaluate if quality else None, sample=save_samples,
-                              progress=("loss",))
+        _, seconds, reached = run_loop(accelerator, "teacher", out, cadence, train_step, save_checkpoint, resumed,
+                                       cfg.max_bad_steps, ema=ema, model=raw_model, evaluate=evaluate if quality else None,
+                                       sample=save_samples, progress=("loss",),
+                                       deadline=deadline_after(cfg.time_limit_min, start))
         final = out / "teacher"
         if accelerator.is_main_process:
             ema.model.save_pretrained(final)
-            write_json(out / "summary.json", {"steps": cfg.steps, "train_seconds": round(seconds, 1), "teacher": str(final)})
+            write_json(out / "summary.json", {"steps": cfg.steps, "steps_done": reached, "train_seconds": round(seconds, 1),
+                                              "teacher": str(final)})
         accelerator.end_training()
         return final
