@@ -12,7 +12,7 @@ trial() { name=$1; shift
     student.init=$STAGE1 gan.enabled=true gan.weight=3e-3 steps=300 eval.teacher_cache=$CACHE "$@" \
     > runs/s2_$name.log 2>&1
 }
-ONLY=${ONLY:-a b c d}
+ONLY=${ONLY:-a b c d e f}
 run() { case " $ONLY " in *" $1 "*) trial "$@";; esac; }
 run a gan.discriminator_weight=1.0  # the discriminator loss added to the fake score's at weight 1 (our first reading of DMD2)
 run b gan.discriminator_weight=0.1  # the small fake score protected from the discriminator's gradient
@@ -21,3 +21,7 @@ run b gan.discriminator_weight=0.1  # the small fake score protected from the di
 run c gan.discriminator_weight=0.01
 # ... with DMD2's lower stage-2 learning rate (5e-7 against 2e-6 in its first stage: a quarter)
 run d gan.discriminator_weight=0.01 student.optim.lr=2.5e-5
+# the control of c and d: the same 300 more updates from the same student with a fresh fake score, DM loss only
+run e gan.enabled=false
+# DMD2's discriminator weight with a stronger generator term
+run f gan.discriminator_weight=0.01 gan.weight=0.01
