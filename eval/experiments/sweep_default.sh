@@ -4,7 +4,7 @@ cd "$(dirname "$0")/../.."
 run() { name=$1; shift
   if [ -f runs/sweep/$name/summary.json ]; then echo "skip $name"; return; fi
   echo "== $name $* $(date +%T)"
-  /usr/bin/time -f "$name wall %e s" .venv/bin/python scripts/distill.py --config configs/default.yaml out_dir=runs/sweep/$name "$@" 2>&1 | tr '\r' '\n' | grep -E "quality\[|wall|error|monitor" 
+  /usr/bin/time -f "$name wall %e s" .venv/bin/python scripts/distill.py --config configs/default.yaml out_dir=runs/sweep/$name time_limit_min=0 "$@" 2>&1 | tr '\r' '\n' | grep -E "quality\[|wall|error|monitor" 
 }
 run gan_w0.01 gan.enabled=true gan.weight=0.01
 run cfg1.5 dm.guidance_scale=1.5
