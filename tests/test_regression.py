@@ -286,3 +286,21 @@ def test_script_writes_the_pairs_and_fails_on_a_missing_teacher_with_one_line(te
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: teacher") and "nowhere" in lines[0], failed.stderr
     assert not missing.exists()
+
+
+def test_mse_distance_is_the_mean_squared_pixel_difference_and_needs_no_weights(family, pairs, tmp_path, monkeypatch):
+    path = tmp_path / "pairs.npz"
+    pairs.save(path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))  # no LPIPS weights anywhere: mse must not ask
+    cfg = RegressionConfig(enabled=True, pairs=str(path), distance="mse")
+    regression = RegressionLoss.from_config(cfg, family, "cpu", batch_size=4, seed=0)
+    assert float(regression(replaying_student(pairs), 0, slice(0, 4))) == 0.0
+    loss = float(regression(replaying_student(pairs, offset=0.3), 0, slice(0, 4)))
+    target = pairs.samples[regression.indices(0, slice(0, 4))]  # DiT samples are pixels, clamped to [-1, 1] as images
+    expected = float(((target + 0.3).clamp(-1, 1) - target.clamp(-1, 1)).double().pow(2).mean())
+    assert 0 < loss == pytest.approx(expected, rel=1e-5)  # float32 mean of a few hundred squares
+
+
+def test_unknown_regression_distance_is_a_config_error():
+    with pytest.raises(UserError, match="regression.distance='l1' is unknown; use one of lpips, mse"):
+        RegressionConfig(distance="l1")

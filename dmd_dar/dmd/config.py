@@ -79,13 +79,23 @@ class GanConfig:
             raise ConfigError(f"gan.start_step={self.start_step} must be >= 0 (0 = the GAN term from the first step)")
 
 
+REGRESSION_DISTANCES = ("lpips", "mse")
+
+
 @dataclass
 class RegressionConfig:
     enabled: bool = False
     pairs: str | None = None  # .npz from scripts/make_regression_pairs.py (noise, ids, samples)
     weight: float = 0.25
-    net: str = "vgg"  # LPIPS backbone
+    # lpips: DMD v1's distance (its backbone needs ImageNet weights, docs/regression.md); mse: mean squared pixel
+    # difference, which needs no weights (offline machines)
+    distance: str = "lpips"
+    net: str = "vgg"  # LPIPS backbone (distance lpips only)
     pretrained_backbone: bool = True  # False only for offline tests (random backbone)
+
+    def __post_init__(self):
+        if self.distance not in REGRESSION_DISTANCES:
+            raise ConfigError(f"regression.distance={self.distance!r} is unknown; use one of {', '.join(REGRESSION_DISTANCES)}")
 
 
 @dataclass

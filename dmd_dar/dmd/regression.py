@@ -1,5 +1,6 @@
 """DMD (v1) regression loss: LPIPS between the student's one-step output and the teacher's ODE output
-for the same fixed noise and condition (Yin et al. 2023, section 3.3).
+for the same fixed noise and condition (Yin et al. 2023, section 3.3); or, with `regression.distance=mse`, their
+mean squared pixel difference, which needs no pretrained weights.
 
 The pairs are computed once (`make_pairs`, script `scripts/make_regression_pairs.py`) and stored in one
 `.npz`: `noise` float32 [N, *sample_shape], `ids` int64 [N], `samples` float32 [N, *sample_shape] (the
@@ -9,7 +10,7 @@ teacher's outputs in the model's sample space: pixels for our DiT, latents for l
 During distillation (`regression.enabled=true regression.pairs=<file>`), each student update takes a
 deterministic global batch of pairs for its step (sliced per process), runs the student once at t = 1 from
 the stored noise with the stored condition, decodes both to images and adds `regression.weight` times the
-mean LPIPS distance. A K-step student is regressed on its first step only (DMD v1 is one-step); the later
+mean LPIPS (or pixel MSE) distance. A K-step student is regressed on its first step only (DMD v1 is one-step); the later
 steps are shaped by the distribution-matching loss alone.
 """
 from __future__ import annotations
@@ -101,11 +102,18 @@ def make_pairs(family, n: int, seed: int, sampler: str, steps: int, guidance: fl
     return RegressionPairs(noise, ids, torch.cat(out), meta)
 
 
+class PixelMSE(torch.nn.Module):
+    """`regression.distance=mse`: the mean squared difference of the two image batches (in [-1, 1])."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(a.float(), b.float())
+
+
 class RegressionLoss:
-    """`loss = regression(student_x0, step, sl)`: mean LPIPS between the student's one-step images and the
+    """`loss = regression(student_x0, step, sl)`: mean LPIPS (or pixel MSE) between the student's one-step images and the
     teacher's, on global batch `step` of the pairs (this process's slice `sl` of it)."""
 
-    def __init__(self, pairs: RegressionPairs, family, lpips: LPIPSLoss, batch_size: int | None = None, seed: int = 0,
+    def __init__(self, pairs: RegressionPairs, family, lpips: LPIPSLoss | PixelMSE, batch_size: int | None = None, seed: int = 0,
                  source: str | None = None):
         label = f"regression pairs {source}" if source else "the regression pairs"
         if pairs.sample_shape != tuple(family.sample_shape):
@@ -122,17 +130,17 @@ class RegressionLoss:
 
     @classmethod
     def from_config(cls, cfg, family, device: torch.device | str, batch_size: int | None = None, seed: int = 0,
-                    lpips: LPIPSLoss | None = None) -> RegressionLoss:
+                    lpips: LPIPSLoss | PixelMSE | None = None) -> RegressionLoss:
         """`cfg` is a `dmd_dar.dmd.config.RegressionConfig`. `batch_size` is the *global* batch (the trainer's
         `cfg.batch_size`); None means a single process whose slice is the whole batch. `lpips` replaces the
         network `cfg.net` / `cfg.pretrained_backbone` would load (tests)."""
         if not cfg.pairs:
             raise UserError(f"regression.enabled=true needs regression.pairs=<file.npz>; {MAKE_PAIRS_HINT}")
-        if cfg.net not in NETS:
+        if cfg.distance == "lpips" and cfg.net not in NETS:
             raise UserError(f"regression.net={cfg.net!r} is unknown; use one of {', '.join(NETS)}")
         pairs = RegressionPairs.load(cfg.pairs)
         if lpips is None:
-            lpips = load_lpips(cfg.net, pretrained_backbone=cfg.pretrained_backbone, device=device)
+            lpips = PixelMSE() if cfg.distance == "mse" else load_lpips(cfg.net, pretrained_backbone=cfg.pretrained_backbone, device=device)
         return cls(pairs, family, lpips.to(device), batch_size=batch_size, seed=seed, source=str(cfg.pairs))
 
     def indices(self, step: int, sl: slice) -> torch.Tensor:
