@@ -376,7 +376,8 @@ def test_teacher_samples_are_cached_by_weights_guidance_and_noises(tmp_path, mon
     assert len(calls) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 3
 
 
-def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path):
+@pytest.mark.parametrize("head", ["pooled", "tokens"])
+def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path, head):
     """DMD2's second stage in one run: the discriminator and generator GAN losses are logged (and trained) only
     from student update `gan.start_step` on, and the head trains from there."""
     import numpy as np
@@ -386,7 +387,7 @@ def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path)
     np.savez(tmp_path / "real.npz", real)
     cfg = load_config(tiny_config(tmp_path, teacher, steps=4, checkpoint_every=2),
                       ["eval.report_samples=0", "gan.enabled=true", f"gan.dataset={tmp_path / 'real.npz'}",
-                       "gan.start_step=2", "gan.discriminator_weight=0.01"], DistillConfig)
+                       "gan.start_step=2", "gan.discriminator_weight=0.01", f"gan.head={head}"], DistillConfig)
     run_distillation(cfg)
     with open(Path(cfg.out_dir) / "dar" / "log.csv") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f)}
@@ -426,3 +427,28 @@ def test_a_time_limit_stops_with_a_checkpoint_and_the_same_command_resumes_to_th
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_gan_head_tokens_gives_one_logit_per_token_from_the_same_mlp_the_pooled_head_uses(tmp_path):
+    """`gan.head=pooled`: head(mean of the fake score's tokens), [B]; `tokens`: head on every token, [B, N]
+    (N = (16 / 4)^2 patches), token by token the same function of that token's feature."""
+    from dmd_dar.dmd.config import GanConfig
+    from dmd_dar.dmd.family import DiTFamily
+    from dmd_dar.dmd.method import FakeScore, make_gan_head
+    from dmd_dar.errors import ConfigError
+
+    family = DiTFamily(str(tiny_teacher(tmp_path / "teacher")), torch.device("cpu"))
+    model = family.teacher()
+    torch.manual_seed(0)
+    head = make_gan_head(family.feature_dim)
+    x_t, t, cond = torch.randn(3, 1, 16, 16), torch.tensor([0.2, 0.5, 0.9]), family.conditions(torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        tokens = family.hidden_features(model, x_t, t, cond)
+        pooled = FakeScore(family, model, head, "pooled").gan_logits(x_t, t, cond)
+        per_token = FakeScore(family, model, head, "tokens").gan_logits(x_t, t, cond)
+        assert tokens.shape == (3, 16, family.feature_dim) and pooled.shape == (3,) and per_token.shape == (3, 16)
+        torch.testing.assert_close(pooled, head(tokens.mean(1)).squeeze(-1), rtol=0, atol=0)
+        for i in (0, 7, 15):
+            torch.testing.assert_close(per_token[:, i], head(tokens[:, i]).squeeze(-1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="gan.head='conv' is unknown; use one of pooled, tokens"):
+        GanConfig(head="conv")

@@ -64,6 +64,11 @@ class DMConfig:
             raise ConfigError(f"dm.shift={self.shift} must be > 0")
 
 
+# pooled: one logit per image, from the mean of the fake score's last hidden tokens; tokens: one logit per token
+# (patch), the loss averaged over them, so the generator gets a signal where a patch looks wrong (e.g. speckle)
+GAN_HEADS = ("pooled", "tokens")
+
+
 @dataclass
 class GanConfig:
     enabled: bool = False
@@ -73,8 +78,11 @@ class GanConfig:
     # DMD2's second stage in one run: the GAN terms (discriminator and generator) join after this many DM-only
     # student updates; 0 = from the first update
     start_step: int = 0
+    head: str = "pooled"  # GAN_HEADS
 
     def __post_init__(self):
+        if self.head not in GAN_HEADS:
+            raise ConfigError(f"gan.head={self.head!r} is unknown; use one of {', '.join(GAN_HEADS)}")
         if self.start_step < 0:
             raise ConfigError(f"gan.start_step={self.start_step} must be >= 0 (0 = the GAN term from the first step)")
 

@@ -43,7 +43,7 @@ class Family(Protocol):
 
     def conditions(self, ids: torch.Tensor) -> Any: ...  # ids -> the model's conditioning, on the device
 
-    def hidden_features(self, model: nn.Module, x_t, t, cond) -> torch.Tensor: ...  # [B, feature_dim]
+    def hidden_features(self, model: nn.Module, x_t, t, cond) -> torch.Tensor: ...  # [B, tokens, feature_dim]
 
     def load_weights(self, model: nn.Module, folder: Path) -> None: ...  # e.g. student.init; UserError on mismatch
 
@@ -119,7 +119,7 @@ class DiTFamily:
         return ids.to(self.device)
 
     def hidden_features(self, model: nn.Module, x_t, t, cond) -> torch.Tensor:
-        return model(x_t, t, cond, return_hidden=True).hidden.float().mean(1)
+        return model(x_t, t, cond, return_hidden=True).hidden.float()
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
         if any("lora_" in name for name, _ in model.named_parameters()):

@@ -52,8 +52,8 @@ def draw(cfg: DistillConfig, shape: tuple[int, ...], num_conditions: int, g: tor
 class FakeScore:
     """The fake score as an x0 denoiser, its denoising loss, and DMD2's discriminator head on its features."""
 
-    def __init__(self, family: Family, model: nn.Module, head: nn.Module | None = None):
-        self.family, self.model, self.head = family, model, head
+    def __init__(self, family: Family, model: nn.Module, head: nn.Module | None = None, head_kind: str = "pooled"):
+        self.family, self.model, self.head, self.head_kind = family, model, head, head_kind
 
     def x0(self, x_t, t, cond):
         return self.family.denoiser(self.model)(x_t, t, cond)
@@ -62,10 +62,13 @@ class FakeScore:
         return self.family.denoising_loss(self.model, x0, noise, t, cond)
 
     def gan_logits(self, x_t, t, cond):
-        return self.head(self.family.hidden_features(self.model, x_t, t, cond)).squeeze(-1)
+        """[B] logits (`gan.head=pooled`) or [B, tokens] (`tokens`); the GAN losses average over all of them."""
+        tokens = self.family.hidden_features(self.model, x_t, t, cond)
+        return self.head(tokens.mean(1) if self.head_kind == "pooled" else tokens).squeeze(-1)
 
 
 def make_gan_head(dim: int) -> nn.Module:
+    """The same MLP for both `gan.head` kinds (applied to the pooled feature or to every token)."""
     return nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
 
 

@@ -115,8 +115,8 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
         ema.model.to(device)
     unwrapped_head = accelerator.unwrap_model(head) if head is not None else None
     method = DMD(cfg, family, accelerator, student,
-                 fake=FakeScore(family, fake_model, head),
-                 fake_unwrapped=FakeScore(family, accelerator.unwrap_model(fake_model), unwrapped_head),
+                 fake=FakeScore(family, fake_model, head, cfg.gan.head),
+                 fake_unwrapped=FakeScore(family, accelerator.unwrap_model(fake_model), unwrapped_head, cfg.gan.head),
                  student_opt=Optimised(student_params, student_opt, cfg.student.optim.grad_clip),
                  fake_opt=Optimised(fake_params, fake_opt, cfg.fake.optim.grad_clip),
                  local=local_slice(cfg.batch_size, accelerator.process_index, accelerator.num_processes),
