@@ -12,7 +12,7 @@ trial() { name=$1; shift
     student.init=$STAGE1 gan.enabled=true gan.weight=3e-3 steps=300 time_limit_min=0 eval.teacher_cache=$CACHE "$@" \
     > runs/s2_$name.log 2>&1
 }
-ONLY=${ONLY:-a b c d e f}
+ONLY=${ONLY:-a b c d e f g h}
 run() { case " $ONLY " in *" $1 "*) trial "$@";; esac; }
 run a gan.discriminator_weight=1.0  # the discriminator loss added to the fake score's at weight 1 (our first reading of DMD2)
 run b gan.discriminator_weight=0.1  # the small fake score protected from the discriminator's gradient
@@ -25,3 +25,7 @@ run d gan.discriminator_weight=0.01 student.optim.lr=2.5e-5
 run e gan.enabled=false
 # DMD2's discriminator weight with a stronger generator term
 run f gan.discriminator_weight=0.01 gan.weight=0.01
+# a discriminator that sees where: one logit per token (patch) of the fake score, at DMD2's weights (g) and with a
+# stronger generator term (h)
+run g gan.head=tokens gan.discriminator_weight=0.01
+run h gan.head=tokens gan.discriminator_weight=0.01 gan.weight=0.01
