@@ -180,3 +180,36 @@ def test_cli_end_to_end_and_bad_input(heldout, tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "labels" in failed.stderr and "49" in failed.stderr
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_background_speckle_counts_faint_pixels_away_from_the_strokes_only(heldout):
+    from dmd_dar.metrics.quality import background_speckle
+
+    x = torch.zeros(2, 1, 16, 16)  # in [0, 1]; a 4x4 stroke in the corner of each image
+    x[:, :, :4, :4] = 1.0
+    # background: pixels more than 2 px (Chebyshev) from the stroke = 256 - 6 * 6 = 220 per image
+    x[0, 0, 10, 10] = x[0, 0, 12, 3] = x[1, 0, 15, 15] = 0.1  # three faint dots in the background: counted
+    x[1, 0, 5, 5] = 0.1  # next to the stroke (distance 2): not background
+    x[1, 0, 9, 9] = 4 / 255  # background, but below 8/255
+    share = background_speckle(x * 2 - 1)
+    assert share == pytest.approx(3 / 440, rel=1e-6)
+    assert background_speckle(torch.full((1, 1, 8, 8), -1.0)) == 0.0
+    assert background_speckle(heldout.images[:2000]) < 1e-4  # real digits: black backgrounds (2e-6 measured)
+    with pytest.raises(UserError, match=r"expected \[-1, 1\]"):
+        background_speckle(x * 255)
+
+
+def test_speckle_cli_writes_the_shares_and_refuses_a_missing_set_with_one_line(tmp_path):
+    images = torch.full((3, 1, 8, 8), -1.0)
+    images[0, 0, 7, 7] = -0.8  # one faint pixel (0.1 of [0, 1]): 1 of 192 background pixels
+    np.savez(tmp_path / "set.npz", to_uint8_nhwc(images))
+    script = REPO / "eval" / "speckle.py"
+    ok = subprocess.run([sys.executable, script, f"s={tmp_path / 'set.npz'}", "--out", tmp_path / "out.json"],
+                        capture_output=True, text=True, env=ENV, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["s"] == pytest.approx(1 / 192)
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "missing.npz"), "--out", tmp_path / "bad.json"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), bad.stderr
+    assert not (tmp_path / "bad.json").exists()
