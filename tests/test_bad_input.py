@@ -391,6 +391,11 @@ CASES = [
          out="{out}.json"),
     Case("quality-classifier-missing", [QUAL, "{good_npz}", "--classifier", "/nonexistent/clf", "--out", "{out}.json"],
          "/nonexistent/clf", out="{out}.json"),
+    # ---- eval/speckle.py
+    Case("speckle-set-missing", ["eval/speckle.py", "/nonexistent/set.npz", "--out", "{out}.json"], "set.npz", out="{out}.json"),
+    Case("speckle-set-truncated", ["eval/speckle.py", "{trunc_npz}", "--out", "{out}.json"], "trunc.npz", out="{out}.json"),
+    Case("speckle-set-float", ["eval/speckle.py", "{float_npz}", "--out", "{out}.json"], "float.npz", out="{out}.json"),
+    Case("speckle-out-is-a-folder", ["eval/speckle.py", "{good_npz}", "--out", "{empty_dir}"], "folder", out="{empty_dir}"),
     # ---- eval/spectral_report.py
     Case("spectral-reference-not-npz", [SPEC, "--reference", "{notnpz}", "--candidate", "c={good_npz}", "--out", "{out}"],
          "notnpz.npz"),
