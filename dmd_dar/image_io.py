@@ -152,6 +152,13 @@ def load_uint8_nhwc(path: str | os.PathLike, limit: int | None = None) -> np.nda
     return array
 
 
+def split_named_set(spec: str) -> tuple[str, str]:
+    """A command line's image set, `NAME=PATH` or `PATH` (then named by its path); a path that itself contains
+    `=` and exists is taken whole."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep and not Path(spec).exists() else (spec, spec)
+
+
 def load_images(path: str | os.PathLike, limit: int | None = None) -> torch.Tensor:
     """Read an image set as float32 NCHW in [-1, 1] (see the module docstring for the formats)."""
     return from_uint8_nhwc(load_uint8_nhwc(path, limit))

@@ -31,7 +31,7 @@ import torch
 from dmd_dar.checkpoint import write_json
 from dmd_dar.data import DATASET_NAMES, load_dataset
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
-from dmd_dar.image_io import SAMPLES_FILE, load_images, load_uint8_nhwc
+from dmd_dar.image_io import SAMPLES_FILE, load_images, load_uint8_nhwc, split_named_set
 from dmd_dar.metrics.fid import (
     compute_fid,
     compute_fid_from_features,
@@ -129,8 +129,7 @@ def protocol(args, metrics: list[str], feature) -> dict:
         ref_pool, ref_spatial = uint8_features(adm["images"], feature, args.batch_size, args.n, spatial, args.device)
     result: dict = {"reference": str(args.real), "ref_stats": args.ref_stats, "sets": {}}
     for spec in args.fake:
-        name, sep, path = spec.partition("=")
-        name, path = (name, path) if sep and not Path(spec).exists() else (spec, spec)
+        name, path = split_named_set(spec)
         pool, sp = uint8_features(_uint8_source(path, args.n, "train", args.seed), feature, args.batch_size, args.n, spatial,
                                   args.device)
         out: dict = {"n": len(pool), "n_reference_images": None if ref_pool is None else len(ref_pool)}
@@ -191,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     fakes = {}
     for spec in args.fake:
-        name, sep, path = spec.partition("=")
-        name, path = (name, path) if sep and not Path(spec).exists() else (spec, spec)
+        name, path = split_named_set(spec)
         fakes[name] = load_images(path, limit=args.n)
     count = max(len(images) for images in fakes.values())
     real = _load_real(args.real, args.real_split, count, args.seed)

@@ -23,7 +23,7 @@ from torch import Tensor
 from dmd_dar.checkpoint import check_output_file, read_json, write_json
 from dmd_dar.data import DATASET_NAMES
 from dmd_dar.errors import ArgumentParser, UserError, cli_main
-from dmd_dar.image_io import SAMPLES_FILE, load_images
+from dmd_dar.image_io import SAMPLES_FILE, load_images, split_named_set
 from dmd_dar.metrics.classifier import BUNDLED_CLASSIFIER, load_classifier
 from dmd_dar.metrics.quality import NEAREST_K, SPACES, check_labels, evaluate_quality, load_reference
 from dmd_dar.sampling import META_FILE
@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_set(spec: str, limit: int | None, num_classes: int) -> tuple[str, Tensor, Tensor | None, str]:
     """(name, images, labels or None, path) of NAME=PATH or PATH; labels from a run folder's sample.json."""
-    name, sep, path = spec.partition("=")
-    name, path = (name, path) if sep and not Path(spec).exists() else (spec, spec)
+    name, path = split_named_set(spec)
     images = load_images(path)
     meta_file = Path(path) / META_FILE
     labels = None

@@ -5,11 +5,9 @@ pixels (farther than 2 px from the strokes) brighter than 8/255. Real held-out M
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from dmd_dar.checkpoint import check_output_file, write_json
 from dmd_dar.errors import ArgumentParser, cli_main
-from dmd_dar.image_io import load_images
+from dmd_dar.image_io import load_images, split_named_set
 from dmd_dar.metrics.quality import background_speckle
 
 
@@ -21,11 +19,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out:
         check_output_file(args.out)
-    named = []
-    for spec in args.sets:
-        name, sep, path = spec.partition("=")
-        named.append((name, path) if sep and not Path(spec).exists() else (spec, spec))
-    images = {name: load_images(path) for name, path in named}  # every input read before anything is written
+    images = {name: load_images(path) for name, path in map(split_named_set, args.sets)}  # every input read before anything is written
     shares = {name: background_speckle(x) for name, x in images.items()}
     for name, share in shares.items():
         print(f"speckle[{name}]: {100 * share:.2f}% of background pixels above 8/255 (n={len(images[name])})")

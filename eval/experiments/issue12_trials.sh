@@ -5,7 +5,7 @@
 #           discriminator at DMD2's weights (stage2_trials.sh row g); the stage-2 DM-only control (row e); a 2-step student
 #   lane 2: DMD v1 regression pairs, then regression (pixel MSE) from the start; stage 2 row h (g with a stronger
 #           generator term, once the stage-1 student exists); a 4-step student
-# Results: docs/distillation.md, "2026-12-03 trials".
+# Results: docs/distillation.md, "Trials of 2026-12-03".
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 CACHE=runs/teacher_samples_default
