@@ -384,7 +384,7 @@ def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path,
 
     teacher = tiny_teacher(tmp_path / "teacher")
     real = np.random.default_rng(0).integers(0, 256, size=(16, 16, 16, 1), dtype=np.uint8)
-    np.savez(tmp_path / "real.npz", real)
+    np.savez(tmp_path / "real.npz", real, np.arange(16) % 3)
     cfg = load_config(tiny_config(tmp_path, teacher, steps=4, checkpoint_every=2),
                       ["eval.report_samples=0", "gan.enabled=true", f"gan.dataset={tmp_path / 'real.npz'}",
                        "gan.start_step=2", "gan.discriminator_weight=0.01", f"gan.head={head}"], DistillConfig)
@@ -397,6 +397,51 @@ def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path,
     assert len(ckpts) == 2
     first, last = weights(ckpts[0] / "gan_head"), weights(ckpts[1] / "gan_head")
     assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_discriminator_sees_each_real_image_under_its_own_label_at_the_gan_times(tmp_path, monkeypatch):
+    """The discriminator's real batch is conditioned on the real images' labels (not the generated batch's), and
+    every GAN call (discriminator and generator) uses t in [gan.t_min, gan.t_max]."""
+    import numpy as np
+
+    from dmd_dar.dmd.method import FakeScore
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    real = np.random.default_rng(0).integers(0, 256, size=(16, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", real, np.full(16, 2))  # every real digit is class 2
+    calls, original = [], FakeScore.gan_logits
+    monkeypatch.setattr(FakeScore, "gan_logits", lambda self, x_t, t, cond: calls.append((t.clone(), cond.clone())) or original(self, x_t, t, cond))
+    cfg = load_config(tiny_config(tmp_path, teacher, steps=3, batch_size=8, checkpoint_every=3),
+                      ["eval.report_samples=0", "gan.enabled=true", f"gan.dataset={tmp_path / 'real.npz'}",
+                       "gan.t_min=0.1", "gan.t_max=0.2"], DistillConfig)
+    run_distillation(cfg)
+    per_step = 2 * 2 + 1  # 2 fake updates x (real, generated) + the generator's call
+    assert len(calls) == 3 * per_step
+    for step in range(3):
+        group = calls[step * per_step:(step + 1) * per_step]
+        real_calls, generated_calls = group[0:4:2], [*group[1:4:2], group[4]]
+        assert all(bool((c == 2).all()) for _, c in real_calls)
+        assert any(bool((c != 2).any()) for _, c in generated_calls)  # the draw's labels, over 0-2
+        assert all(bool(((t >= 0.1) & (t <= 0.2)).all()) for t, _ in group)
+
+
+def test_gan_dataset_without_labels_for_a_class_conditional_teacher_is_refused_before_writing(tmp_path):
+    import numpy as np
+
+    teacher = tiny_teacher(tmp_path / "teacher")
+    np.savez(tmp_path / "real.npz", np.zeros((8, 16, 16, 1), dtype=np.uint8))
+    cfg = tiny_config(tmp_path, teacher)
+    assert_one_line_error(run_cli(["scripts/distill.py", "--config", str(cfg), "gan.enabled=true",
+                                   f"gan.dataset={tmp_path / 'real.npz'}"]), "has no labels")
+    assert not (tmp_path / "run").exists()
+
+
+def test_gan_t_range_is_checked():
+    from dmd_dar.dmd.config import GanConfig
+    from dmd_dar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gan.t_min=0.5, gan.t_max=0.2"):
+        GanConfig(t_min=0.5, t_max=0.2)
 
 
 def test_gan_start_step_past_the_run_is_refused(tmp_path):

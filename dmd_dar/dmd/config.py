@@ -79,8 +79,17 @@ class GanConfig:
     # student updates; 0 = from the first update
     start_step: int = 0
     head: str = "pooled"  # GAN_HEADS
+    # the times at which the discriminator compares noised real and generated samples, uniform in [t_min, t_max];
+    # t_max null: the DM loss's own t (DMD2). Detail is visible only near the data: at t in [0.02, 0.98] a head on
+    # the frozen teacher's features tells the teacher's blurry one-step output from real digits 77% of the time,
+    # at t in [0, 0.1] 98% (eval/experiments/gan_probe.py, docs/distillation.md)
+    t_min: float = 0.0
+    t_max: float | None = None
 
     def __post_init__(self):
+        if self.t_max is not None and not 0 <= self.t_min < self.t_max <= 1:
+            raise ConfigError(f"gan.t_min={self.t_min}, gan.t_max={self.t_max}: need 0 <= t_min < t_max <= 1 "
+                              "(or gan.t_max=null: the DM loss's t)")
         if self.head not in GAN_HEADS:
             raise ConfigError(f"gan.head={self.head!r} is unknown; use one of {', '.join(GAN_HEADS)}")
         if self.start_step < 0:

@@ -33,10 +33,11 @@ class Draw:
     renoise: torch.Tensor  # [K-1, B, ...] noises between student steps
     t: torch.Tensor  # DM / fake-loss time
     t_noise: torch.Tensor
+    t_gan: torch.Tensor  # the discriminator's time (gan.t_min, gan.t_max; = t when gan.t_max is null)
 
     def local(self, sl: slice, device) -> Draw:
         return Draw(self.noise[sl].to(device), self.ids[sl], self.train_step, self.renoise[:, sl].to(device),
-                    self.t[sl].to(device), self.t_noise[sl].to(device))
+                    self.t[sl].to(device), self.t_noise[sl].to(device), self.t_gan[sl].to(device))
 
 
 def draw(cfg: DistillConfig, shape: tuple[int, ...], num_conditions: int, g: torch.Generator) -> Draw:
@@ -46,7 +47,10 @@ def draw(cfg: DistillConfig, shape: tuple[int, ...], num_conditions: int, g: tor
     train_step = int(torch.randint(0, K, (1,), generator=g))
     renoise = torch.randn((K - 1, n, *shape), generator=g)
     t = sample_t(n, kind="shifted", generator=g, t_min=cfg.dm.t_min, t_max=cfg.dm.t_max, shift=cfg.dm.shift)
-    return Draw(noise, ids, train_step, renoise, t, torch.randn((n, *shape), generator=g))
+    t_noise = torch.randn((n, *shape), generator=g)
+    gan = cfg.gan
+    t_gan = t if gan.t_max is None else sample_t(n, "uniform", generator=g, t_min=gan.t_min, t_max=gan.t_max)  # drawn last: the other draws stay as they were
+    return Draw(noise, ids, train_step, renoise, t, t_noise, t_gan)
 
 
 class FakeScore:
@@ -92,13 +96,14 @@ class DMD:
 
     def __init__(self, cfg: DistillConfig, family: Family, accelerator, student: nn.Module, fake: FakeScore,
                  fake_unwrapped: FakeScore, student_opt: Optimised, fake_opt: Optimised, local: slice,
-                 real_images: torch.Tensor | None = None, regression: Callable | None = None):
+                 real_images: torch.Tensor | None = None, real_labels: torch.Tensor | None = None,
+                 regression: Callable | None = None):
         self.cfg, self.family, self.accelerator = cfg, family, accelerator
         self.student_x0 = family.denoiser(student)
         self.real_x0 = family.real_score(family.teacher(), cfg.dm.guidance_scale)
         self.fake, self.fake_unwrapped = fake, fake_unwrapped
         self.student_opt, self.fake_opt = student_opt, fake_opt
-        self.local, self.real_images, self.regression = local, real_images, regression
+        self.local, self.real_images, self.real_labels, self.regression = local, real_images, real_labels, regression
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast()
@@ -125,9 +130,12 @@ class DMD:
             if self.gan_active(step):
                 n_fake = self.cfg.fake.updates_per_student_step
                 idx = batch_indices(step * n_fake + j, self.cfg.batch_size, len(self.real_images), self.cfg.seed)[self.local]
-                real_t = interpolate(self.real_images[idx].to(x.device), d.t_noise, d.t)
-                d_loss = losses.gan_discriminator_loss(self.fake.gan_logits(real_t, d.t, cond),
-                                                       self.fake.gan_logits(interpolate(x, d.t_noise, d.t), d.t, cond))
+                real_t = interpolate(self.real_images[idx].to(x.device), d.t_noise, d.t_gan)
+                # each real image with its own label: with the generated batch's labels the head could only learn
+                # whether an image matches its label, which pushes the generator away from its class
+                real_cond = cond if self.real_labels is None else self.family.conditions(self.real_labels[idx])
+                d_loss = losses.gan_discriminator_loss(self.fake.gan_logits(real_t, d.t_gan, real_cond),
+                                                       self.fake.gan_logits(interpolate(x, d.t_noise, d.t_gan), d.t_gan, cond))
                 logs["disc_loss"] = d_loss.item()
                 loss = loss + self.cfg.gan.discriminator_weight * d_loss
         return loss, {"fake_loss": loss.item(), **logs}
@@ -141,7 +149,7 @@ class DMD:
             loss = losses.noised_dm_loss(x, cond, self.real_x0, self.fake_unwrapped.x0, d.t, d.t_noise)
             logs = {"dm_loss": loss.item()}
             if self.gan_active(step):
-                g_loss = losses.gan_generator_loss(self.fake_unwrapped.gan_logits(interpolate(x, d.t_noise, d.t), d.t, cond))
+                g_loss = losses.gan_generator_loss(self.fake_unwrapped.gan_logits(interpolate(x, d.t_noise, d.t_gan), d.t_gan, cond))
                 logs["gan_loss"] = g_loss.item()
                 loss = loss + self.cfg.gan.weight * g_loss
             if self.regression is not None:

@@ -61,8 +61,10 @@ class EvalBatch:
 
 # ------------------------------------------------------------------------------------------- one arm
 def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_dir: Path, accelerator, fixed: EvalBatch,
-                monitor: Monitor, deadline: float | None = None) -> Path:
-    """Distill one student; returns its exported model folder (run_dir/student)."""
+                monitor: Monitor, deadline: float | None = None,
+                real: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
+    """Distill one student; returns its exported model folder (run_dir/student). `real`: the GAN term's real
+    images and labels (`gan_real_data`)."""
     device = accelerator.device
     torch.manual_seed(cfg.seed)  # model init (and GAN head) are the only draws from the global RNG
     student = family.trainable(routing, cfg.student.lora_rank)
@@ -90,10 +92,7 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     if ema is not None:
         ema.num_updates = resumed.step - resumed.skipped_steps
 
-    real_images = load_dataset(cfg.gan.dataset, split="train").images if cfg.gan.enabled else None
-    if real_images is not None and tuple(real_images.shape[1:]) != tuple(family.sample_shape):
-        raise UserError(f"gan.dataset={cfg.gan.dataset} holds {list(real_images.shape[1:])} samples but the teacher makes "
-                        f"{list(family.sample_shape)}; a latent teacher needs latent shards (scripts/extract_latents.py)")
+    real_images, real_labels = real if real is not None else (None, None)
     regression = None
     if cfg.regression.enabled:
         from dmd_dar.dmd.regression import RegressionLoss  # LPIPS weights are loaded only when asked for
@@ -120,7 +119,7 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
                  student_opt=Optimised(student_params, student_opt, cfg.student.optim.grad_clip),
                  fake_opt=Optimised(fake_params, fake_opt, cfg.fake.optim.grad_clip),
                  local=local_slice(cfg.batch_size, accelerator.process_index, accelerator.num_processes),
-                 real_images=real_images, regression=regression)
+                 real_images=real_images, real_labels=real_labels, regression=regression)
 
     def save_checkpoint(step: int, skipped: int) -> None:
         # get_state_dict gathers full weights on every process (needed under FSDP); the main process writes
@@ -289,6 +288,26 @@ def check_student_init(cfg: DistillConfig, family: Family, routings: dict[str, R
                 raise UserError(f"student.init={cfg.student.init}: {err}") from None
 
 
+def gan_real_data(cfg: DistillConfig, family: Family) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The GAN term's real training images and their condition ids (None: an unconditional teacher), checked against
+    the teacher before anything is written. The discriminator compares each real image under its own label."""
+    if not cfg.gan.enabled:
+        return None
+    real = load_dataset(cfg.gan.dataset, split="train")
+    if tuple(real.images.shape[1:]) != tuple(family.sample_shape):
+        raise UserError(f"gan.dataset={cfg.gan.dataset} holds {list(real.images.shape[1:])} samples but the teacher makes "
+                        f"{list(family.sample_shape)}; a latent teacher needs latent shards (scripts/extract_latents.py)")
+    if family.num_conditions == 1:
+        return real.images, None
+    if real.labels is None:
+        raise UserError(f"gan.dataset={cfg.gan.dataset} has no labels but the teacher is class-conditional "
+                        f"({family.num_conditions} classes): give a labelled set (an .npz with arr_1 labels, or class folders)")
+    if int(real.labels.min()) < 0 or int(real.labels.max()) >= family.num_conditions:
+        raise UserError(f"gan.dataset={cfg.gan.dataset} has labels in [{int(real.labels.min())}, {int(real.labels.max())}] but "
+                        f"the teacher knows classes 0-{family.num_conditions - 1}: give a set labelled for this teacher")
+    return real.images, real.labels
+
+
 def check_resumable(cfg: DistillConfig, routings: dict[str, RoutingConfig]) -> None:
     """Refuse, before anything is written, to resume an arm whose checkpoint has another routing."""
     if not cfg.resume:
@@ -339,17 +358,18 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
                         "(accelerate launch --multi_gpu) on GPUs that hold three copies of the model")
     family = make_family(cfg.backbone, cfg.teacher, accelerator.device, cfg.t2i, vae=cfg.vae or None)
     check_student_init(cfg, family, routings)
+    real = gan_real_data(cfg, family)
     for name, routing in routings.items():
         if not routing.function_preserving:
             accelerator.print(f"note: arm {name} uses chunk_size={routing.chunk_size} with summary='last': the student "
                               "does not start as the teacher's function (summary='sum' does)")
     out = Path(cfg.out_dir)
     with run_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
-        return distill_all(cfg, accelerator, family, routings, out, deadline_after(cfg.time_limit_min, start))
+        return distill_all(cfg, accelerator, family, routings, out, deadline_after(cfg.time_limit_min, start), real)
 
 
 def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[str, RoutingConfig], out: Path,
-                deadline: float | None = None) -> dict[str, Any]:
+                deadline: float | None = None, real: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, Any]:
     """Everything `run_distillation` writes, under the run's lock."""
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -371,7 +391,7 @@ def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[
     if accelerator.is_main_process:
         save_image_grid(teacher_grid, out / "teacher_grid.png", nrow=10, scale=2)
 
-    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed, monitor, deadline)
+    students = {name: distill_arm(cfg, family, routing, out / name, accelerator, fixed, monitor, deadline, real)
                 for name, routing in routings.items()}
     summary: dict[str, Any] = {"teacher": cfg.teacher, "arms": {}}
     if accelerator.is_main_process:
