@@ -387,7 +387,7 @@ def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path,
     np.savez(tmp_path / "real.npz", real, np.arange(16) % 3)
     cfg = load_config(tiny_config(tmp_path, teacher, steps=4, checkpoint_every=2),
                       ["eval.report_samples=0", "gan.enabled=true", f"gan.dataset={tmp_path / 'real.npz'}",
-                       "gan.start_step=2", "gan.discriminator_weight=0.01", f"gan.head={head}"], DistillConfig)
+                       "gan.start_step=2", "gan.discriminator_weight=0.01", f"gan.head={head}", "gan.head_lr_scale=10"], DistillConfig)
     run_distillation(cfg)
     with open(Path(cfg.out_dir) / "dar" / "log.csv") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f)}
@@ -397,6 +397,11 @@ def test_gan_start_step_adds_the_gan_terms_only_from_that_student_step(tmp_path,
     assert len(ckpts) == 2
     first, last = weights(ckpts[0] / "gan_head"), weights(ckpts[1] / "gan_head")
     assert any(not torch.equal(first[k], last[k]) for k in first)
+    from dmd_dar.training import load_run_checkpoint
+
+    groups = load_run_checkpoint(ckpts[1])[1]["fake_opt"]["param_groups"]  # the head in its own group, at 10x the fake lr
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"], rel=1e-12)
+    assert len(groups[1]["params"]) == len(first)
 
 
 def test_discriminator_sees_each_real_image_under_its_own_label_at_the_gan_times(tmp_path, monkeypatch):

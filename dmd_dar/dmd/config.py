@@ -85,11 +85,16 @@ class GanConfig:
     # at t in [0, 0.1] 98% (eval/experiments/gan_probe.py, docs/distillation.md)
     t_min: float = 0.0
     t_max: float | None = None
+    # the head's learning rate = fake.optim.lr x this, in its own optimiser group (the fake score's backbone keeps
+    # fake.optim.lr): a fresh head on a slowly moving backbone
+    head_lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.t_max is not None and not 0 <= self.t_min < self.t_max <= 1:
             raise ConfigError(f"gan.t_min={self.t_min}, gan.t_max={self.t_max}: need 0 <= t_min < t_max <= 1 "
                               "(or gan.t_max=null: the DM loss's t)")
+        if not self.head_lr_scale > 0:
+            raise ConfigError(f"gan.head_lr_scale={self.head_lr_scale} must be > 0")
         if self.head not in GAN_HEADS:
             raise ConfigError(f"gan.head={self.head!r} is unknown; use one of {', '.join(GAN_HEADS)}")
         if self.start_step < 0:

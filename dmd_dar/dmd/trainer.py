@@ -75,12 +75,14 @@ def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_
     head = make_gan_head(family.feature_dim) if cfg.gan.enabled else None
     trained = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
     student_params = [p for _, p in trained]
-    fake_params = [p for p in fake_model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    fake_groups = [{"params": [p for p in fake_model.parameters() if p.requires_grad]}]
+    if head is not None:
+        fake_groups.append({"params": list(head.parameters()), "lr": cfg.fake.optim.lr * cfg.gan.head_lr_scale})
     router = [p for name, p in trained if name.startswith(ROUTER_PREFIXES)]
     others = [p for name, p in trained if not name.startswith(ROUTER_PREFIXES)]
     groups = [{"params": others}, {"params": router, "lr": cfg.student.optim.lr * cfg.student.router_lr_scale}]
     student_opt = make_optimizer([g for g in groups if g["params"]], cfg.student.optim)
-    fake_opt = make_optimizer(fake_params, cfg.fake.optim)
+    fake_opt = make_optimizer(fake_groups, cfg.fake.optim)
     if cfg.student.ema_decay > 0 and accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("student.ema_decay > 0 is not supported under FSDP (the EMA copy would not be sharded); set 0")
     ema = EMA(student, cfg.student.ema_decay) if cfg.student.ema_decay > 0 else None

@@ -12,7 +12,7 @@ trial() { name=$1; shift
     student.init=$STAGE1 gan.enabled=true gan.weight=3e-3 steps=300 time_limit_min=0 eval.teacher_cache=$CACHE "$@" \
     > runs/s2_$name.log 2>&1
 }
-ONLY=${ONLY:-a b c d e f g h}
+ONLY=${ONLY:-a b c d e f g h i j k l}
 run() { case " $ONLY " in *" $1 "*) trial "$@";; esac; }
 run a gan.discriminator_weight=1.0  # the discriminator loss added to the fake score's at weight 1 (our first reading of DMD2)
 run b gan.discriminator_weight=0.1  # the small fake score protected from the discriminator's gradient
@@ -29,3 +29,11 @@ run f gan.discriminator_weight=0.01 gan.weight=0.01
 # stronger generator term (h)
 run g gan.head=tokens gan.discriminator_weight=0.01
 run h gan.head=tokens gan.discriminator_weight=0.01 gan.weight=0.01
+# 2026-12-03, second session: the real images scored under their own labels (every row above scored them under the
+# generated batch's labels, a task the head cannot learn). i: DMD2's weights, as c; j: i with the discriminator
+# near the data (gan.t_max=0.3, where the probe separates the sets, eval/experiments/gan_probe.py); k: j with a
+# stronger generator term; l: j with the per-token head
+run i gan.discriminator_weight=0.01
+run j gan.discriminator_weight=0.01 gan.t_max=0.3
+run k gan.discriminator_weight=0.01 gan.t_max=0.3 gan.weight=0.03
+run l gan.discriminator_weight=0.01 gan.t_max=0.3 gan.head=tokens
