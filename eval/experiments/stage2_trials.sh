@@ -31,9 +31,9 @@ run g gan.head=tokens gan.discriminator_weight=0.01
 run h gan.head=tokens gan.discriminator_weight=0.01 gan.weight=0.01
 # 2026-12-03, second session: the real images scored under their own labels (every row above scored them under the
 # generated batch's labels, a task the head cannot learn). i: DMD2's weights, as c; j: i with the discriminator
-# near the data (gan.t_max=0.3, where the probe separates the sets, eval/experiments/gan_probe.py); k: j with a
-# stronger generator term; l: j with the per-token head
+# near the data (gan.t_max=0.3, where the probe separates the sets, eval/experiments/gan_probe.py); k: j with the
+# head at 10x the fake score's learning rate; l: k with a 10x stronger generator term
 run i gan.discriminator_weight=0.01
 run j gan.discriminator_weight=0.01 gan.t_max=0.3
-run k gan.discriminator_weight=0.01 gan.t_max=0.3 gan.weight=0.03
-run l gan.discriminator_weight=0.01 gan.t_max=0.3 gan.head=tokens
+run k gan.discriminator_weight=0.01 gan.t_max=0.3 gan.head_lr_scale=10
+run l gan.discriminator_weight=0.01 gan.t_max=0.3 gan.head_lr_scale=10 gan.weight=0.03
