@@ -80,9 +80,9 @@ class GanConfig:
     start_step: int = 0
     head: str = "pooled"  # GAN_HEADS
     # the times at which the discriminator compares noised real and generated samples, uniform in [t_min, t_max];
-    # t_max null: the DM loss's own t (DMD2). Detail is visible only near the data: at t in [0.02, 0.98] a head on
-    # the frozen teacher's features tells the teacher's blurry one-step output from real digits 77% of the time,
-    # at t in [0, 0.1] 98% (eval/experiments/gan_probe.py, docs/distillation.md)
+    # t_max null: the DM loss's own t (DMD2). Detail is visible only near the data: a head on the frozen teacher's
+    # features tells the main job's one-step student from real digits 66% of the time at t in [0.02, 0.98], 84% at
+    # [0, 0.3] (eval/experiments/gan_probe.py, docs/distillation.md)
     t_min: float = 0.0
     t_max: float | None = None
     # the head's learning rate = fake.optim.lr x this, in its own optimiser group (the fake score's backbone keeps

@@ -59,10 +59,13 @@ class EvalBatch:
     teacher_probe_images: torch.Tensor
 
 
+RealSet = tuple[torch.Tensor, torch.Tensor | None]  # the GAN term's real images and condition ids (gan_real_data)
+
+
 # ------------------------------------------------------------------------------------------- one arm
 def distill_arm(cfg: DistillConfig, family: Family, routing: RoutingConfig, run_dir: Path, accelerator, fixed: EvalBatch,
                 monitor: Monitor, deadline: float | None = None,
-                real: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
+                real: RealSet | None = None) -> Path:
     """Distill one student; returns its exported model folder (run_dir/student). `real`: the GAN term's real
     images and labels (`gan_real_data`)."""
     device = accelerator.device
@@ -290,7 +293,7 @@ def check_student_init(cfg: DistillConfig, family: Family, routings: dict[str, R
                 raise UserError(f"student.init={cfg.student.init}: {err}") from None
 
 
-def gan_real_data(cfg: DistillConfig, family: Family) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def gan_real_data(cfg: DistillConfig, family: Family) -> RealSet | None:
     """The GAN term's real training images and their condition ids (None: an unconditional teacher), checked against
     the teacher before anything is written. The discriminator compares each real image under its own label."""
     if not cfg.gan.enabled:
@@ -304,8 +307,9 @@ def gan_real_data(cfg: DistillConfig, family: Family) -> tuple[torch.Tensor, tor
     if real.labels is None:
         raise UserError(f"gan.dataset={cfg.gan.dataset} has no labels but the teacher is class-conditional "
                         f"({family.num_conditions} classes): give a labelled set (an .npz with arr_1 labels, or class folders)")
-    if int(real.labels.min()) < 0 or int(real.labels.max()) >= family.num_conditions:
-        raise UserError(f"gan.dataset={cfg.gan.dataset} has labels in [{int(real.labels.min())}, {int(real.labels.max())}] but "
+    low, high = int(real.labels.min()), int(real.labels.max())
+    if low < 0 or high >= family.num_conditions:
+        raise UserError(f"gan.dataset={cfg.gan.dataset} has labels in [{low}, {high}] but "
                         f"the teacher knows classes 0-{family.num_conditions - 1}: give a set labelled for this teacher")
     return real.images, real.labels
 
@@ -371,7 +375,7 @@ def run_distillation(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def distill_all(cfg: DistillConfig, accelerator, family: Family, routings: dict[str, RoutingConfig], out: Path,
-                deadline: float | None = None, real: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, Any]:
+                deadline: float | None = None, real: RealSet | None = None) -> dict[str, Any]:
     """Everything `run_distillation` writes, under the run's lock."""
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
