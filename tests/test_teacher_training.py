@@ -146,6 +146,17 @@ def test_quality_curve_and_schedule_are_logged(tmp_path):
     assert float(log[6]["lr"]) == pytest.approx(1e-3 * 0.25)  # the cosine ends at lr_final_ratio * lr
 
 
+def test_quality_seed_fixes_the_curves_noises_across_runs(tmp_path):
+    from dmd_dar.teacher.training import quality_inputs
+
+    def inputs(*overrides):
+        return quality_inputs(load_config(tiny_config(tmp_path), ["quality.samples=8", *overrides], TeacherTrainConfig))
+
+    stage3, stage4 = inputs("seed=2"), inputs("seed=3", "quality.seed=2")  # a continued stage on the earlier one's noises
+    assert torch.equal(stage3[0], stage4[0]) and torch.equal(stage3[1], stage4[1])
+    assert not torch.equal(inputs("seed=3")[0], stage3[0])  # by default the noises follow the run's seed
+
+
 def test_init_starts_from_a_folder_of_the_same_architecture(tmp_path):
     from dmd_dar.models import DiT
     from dmd_dar.teacher.training import load_init_weights
